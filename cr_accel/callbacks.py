@@ -1,0 +1,123 @@
+"""Callbacks: hooks into the training loop, as named events with no-op defaults.
+
+The loop, in the order the events fire:
+
+    on_train_start(trainer)
+    for each epoch:
+        for each batch:
+            ... forward, backward, optimizer step ...
+            on_step_end(trainer, step, loss)          # after every optimizer step; `loss` stays on the device
+        validate (every training.eval_every epochs)
+        on_validation_end(trainer, metrics)
+        on_epoch_end(trainer, metrics)                # metrics: reduced over all processes
+        on_checkpoint(trainer, path)                  # after a checkpoint is written
+    on_train_end(trainer, status)                     # "finished", "stopped_early", "failed", ...
+
+A plain function `fn(epoch, train_loss, val_loss, model, optimizer, **metrics)` is also accepted and
+called at the end of every epoch. Callbacks run on every process; use `trainer.accelerator.is_main_process`
+for work that should happen once. A callback with `state_dict()/load_state_dict()` has its state saved in
+checkpoints (it must be JSON-serialisable).
+"""
+
+import enum
+import inspect
+
+
+class Event(str, enum.Enum):
+    ON_TRAIN_START = "on_train_start"
+    ON_STEP_END = "on_step_end"
+    ON_VALIDATION_END = "on_validation_end"
+    ON_EPOCH_END = "on_epoch_end"
+    ON_CHECKPOINT = "on_checkpoint"
+    ON_TRAIN_END = "on_train_end"
+
+
+class Callback:
+    """Subclass and override the events you need; every hook defaults to doing nothing."""
+
+    def on_train_start(self, trainer):
+        pass
+
+    def on_step_end(self, trainer, step, loss):
+        pass
+
+    def on_validation_end(self, trainer, metrics):
+        pass
+
+    def on_epoch_end(self, trainer, metrics):
+        pass
+
+    def on_checkpoint(self, trainer, path):
+        pass
+
+    def on_train_end(self, trainer, status):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class EpochFunctionCallback(Callback):
+    """Adapts `fn(epoch, train_loss, val_loss, model, optimizer, **metrics)` to on_epoch_end."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_epoch_end(self, trainer, metrics):
+        rest = {k: v for k, v in metrics.items() if k not in ("epoch", "train_loss", "val_loss")}
+        self.fn(metrics["epoch"], metrics.get("train_loss"), metrics.get("val_loss"), trainer.model,
+                trainer.optimizer, **rest)
+
+    def __repr__(self):
+        return f"EpochFunctionCallback({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+def as_callback(cb):
+    if isinstance(cb, Callback):
+        return cb
+    if callable(cb):
+        return EpochFunctionCallback(cb)
+    raise TypeError(f"a callback must be a Callback or a function, got {type(cb).__name__}")
+
+
+class CallbackList:
+    """Dispatches events; keeps, per event, only the callbacks that override it (a no-op costs nothing)."""
+
+    def __init__(self):
+        self.callbacks = []
+        self._listeners = {event: [] for event in Event}
+
+    def add(self, cb):
+        cb = as_callback(cb)
+        self.callbacks.append(cb)
+        for event in Event:
+            if getattr(type(cb), event.value) is not getattr(Callback, event.value):
+                self._listeners[event].append(getattr(cb, event.value))
+        return cb
+
+    def has(self, event):
+        return bool(self._listeners[event])
+
+    def fire(self, event, *args):
+        for hook in self._listeners[event]:
+            hook(*args)
+
+    def state_dict(self):
+        return {_key(i, cb): cb.state_dict() for i, cb in enumerate(self.callbacks)}
+
+    def load_state_dict(self, state):
+        for i, cb in enumerate(self.callbacks):
+            if _key(i, cb) in state:
+                cb.load_state_dict(state[_key(i, cb)])
+
+
+def _key(index, cb):
+    return f"{index}:{type(cb).__qualname__}"
+
+
+def hook_names():
+    """Every public hook a Callback defines (the contract test compares them with Event)."""
+    return {name for name, _ in inspect.getmembers(Callback, inspect.isfunction) if name.startswith("on_")}

@@ -1,0 +1,106 @@
+"""Resolve and build the swappable parts named in a config: model, loss, data, optimizer, schedule.
+
+`check_components` finds every problem (unknown names, kwargs the builder does not take, missing
+paths) without building anything, so a bad config fails before any output is created.
+"""
+
+import inspect
+from pathlib import Path
+
+from . import optim, schedule
+from .data import DATASETS
+from .losses import LOSSES
+from .metrics import METRICS
+from .models import MODELS
+from .registry import accepts, check_kwargs
+
+# section -> (registry, arguments the trainer passes itself)
+PARTS = {
+    "model": (MODELS, ()),
+    "loss": (LOSSES, ()),
+    "data": (DATASETS, ("seed",)),
+    "optimizer": (optim.OPTIMIZERS, optim.INJECTED),
+    "scheduler": (schedule.SCHEDULES, schedule.INJECTED),
+}
+
+
+def check_components(cfg):
+    problems = []
+    for section, (registry, injected) in PARTS.items():
+        section_cfg = getattr(cfg, section)
+        try:
+            builder = registry.resolve(section_cfg.name)
+        except LookupError as exc:
+            problems.append((f"{section}.name", str(exc)))
+            continue
+        # `seed` is passed only to dataset builders that take it.
+        injected = tuple(n for n in injected if n != "seed" or accepts(builder, "seed"))
+        problems += [(f"{section}.{key}", msg) for key, msg in check_kwargs(builder, section_cfg.kwargs, injected)]
+    problems += _check_paths(cfg.data.kwargs)
+    for i, name in enumerate(cfg.training.metrics):
+        try:
+            METRICS.resolve(str(name))
+        except LookupError as exc:
+            problems.append((f"training.metrics[{i}]", str(exc)))
+    return problems
+
+
+def _check_paths(data_kwargs):
+    """Dataset arguments named `path` or `*_path` / `*_dir` must exist: checked before anything runs."""
+    problems = []
+    for key, value in data_kwargs.items():
+        if (key == "path" or key.endswith(("_path", "_dir"))) and value is not None:
+            if not isinstance(value, str):
+                problems.append((f"data.{key}", f"must be a path string, got `{value!r}`"))
+            elif not Path(value).exists():
+                problems.append((f"data.{key}", f"path `{value}` does not exist; point it at your data files"))
+    return problems
+
+
+def build_model(cfg):
+    return MODELS.resolve(cfg.model.name)(**cfg.model.kwargs)
+
+
+def build_loss(cfg):
+    return LOSSES.resolve(cfg.loss.name)(**cfg.loss.kwargs)
+
+
+def build_datasets(cfg):
+    """DatasetSplits from the `data` section; user builders may return a plain (train, val) pair."""
+    builder = DATASETS.resolve(cfg.data.name)
+    kwargs = dict(cfg.data.kwargs)
+    if accepts(builder, "seed"):
+        kwargs["seed"] = cfg.seed
+    splits = builder(**kwargs)
+    if isinstance(splits, tuple):
+        from .data import DatasetSplits
+
+        train, val = splits
+        splits = DatasetSplits(train=train, val=val, metadata={})
+    return splits
+
+
+def build_optimizer(cfg, params):
+    o = cfg.optimizer
+    return optim.OPTIMIZERS.resolve(o.name)(params, lr=o.lr, weight_decay=o.weight_decay, **o.kwargs)
+
+
+def build_schedule(cfg, optimizer, num_training_steps):
+    s = cfg.scheduler
+    factor = schedule.SCHEDULES.resolve(s.name)(
+        num_training_steps=num_training_steps,
+        num_warmup_steps=schedule.warmup_steps_for(s, num_training_steps),
+        min_lr_ratio=s.min_lr_ratio,
+        **s.kwargs,
+    )
+    return schedule.StepSchedule(optimizer, factor)
+
+
+def build_metrics(cfg):
+    return {name: METRICS.resolve(name) for name in cfg.training.metrics}
+
+
+def describe(builder):
+    """One line for logs: where a part comes from."""
+    module = inspect.getmodule(builder)
+    return f"{module.__name__ if module else '?'}:{getattr(builder, '__qualname__', builder)}"

@@ -1,0 +1,409 @@
+"""The typed, strict config: YAML and `section.key=value` overrides into dataclasses.
+
+Every problem in a file is collected and reported together (ConfigError), before anything is created:
+unknown keys (with the closest valid key), wrong types, impossible values. Sections that name a
+swappable part (model, loss, data, optimizer, scheduler) also take that part's own keyword arguments;
+those are checked against its signature by `cr_accel.components`.
+"""
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from .errors import ConfigError, UserError
+
+MIXED_PRECISION = ("no", "fp16", "bf16", "auto")
+
+
+@dataclass
+class ModelConfig:
+    """`name` picks the model; every other key is passed to its constructor."""
+
+    name: str = "conv_autoencoder"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """`name` picks the loss; every other key is passed to its constructor."""
+
+    name: str = "mse"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """`name` picks the dataset; keys other than the loader's own are passed to the dataset builder."""
+
+    name: str = "synthetic_cr"
+    batch_size: int = 32
+    val_batch_size: Optional[int] = None  # None: same as batch_size
+    num_workers: int = 0
+    pin_memory: bool = False
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 5e-3
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class SchedulerConfig:
+    """LR factor per optimizer step: linear warm-up, then the named shape down to `min_lr_ratio`."""
+
+    name: str = "cosine"
+    warmup_ratio: float = 0.05
+    warmup_steps: Optional[int] = None  # overrides warmup_ratio when set
+    min_lr_ratio: float = 0.0
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 300
+    max_steps: Optional[int] = None  # stop after this many optimizer steps, whatever `epochs` says
+    gradient_accumulation_steps: int = 1
+    grad_clip: Optional[float] = 1.0  # max total gradient norm; None: no clipping (the norm is still recorded)
+    use_amp: Optional[bool] = None  # short form: true = mixed_precision auto, false = no
+    mixed_precision: Optional[Literal["no", "fp16", "bf16", "auto"]] = None
+    eval_every: int = 1  # epochs between validations (the last epoch is always validated)
+    log_every: int = 50  # optimizer steps between progress lines; also how often losses leave the device
+    early_stopping_patience: Optional[int] = None  # validations without improvement of checkpoint.monitor
+    early_stopping_min_delta: float = 0.0
+    skip_nonfinite: bool = False  # skip optimizer steps with a non-finite gradient norm instead of stopping
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True)
+    metrics: list = field(default_factory=list)  # extra validation metrics by name, e.g. [psnr]
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 10  # epochs between periodic checkpoints
+    save_every_steps: Optional[int] = None
+    keep_last_n: Optional[int] = 3  # periodic checkpoints kept; None keeps all
+    monitor: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    log_file: str = "train.log"  # relative paths are inside `dir`
+    metrics_file: str = "metrics.csv"
+
+
+@dataclass
+class DashboardConfig:
+    enabled: bool = False
+    url: str = "http://127.0.0.1:8765"
+    token: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    seed: int = 42
+
+    @property
+    def resolved_mixed_precision(self):
+        """`training.mixed_precision` with `use_amp` folded in; `auto` is left for the runtime to pick."""
+        t = self.training
+        if t.mixed_precision is not None:
+            return t.mixed_precision
+        return "auto" if t.use_amp in (True, None) else "no"
+
+    def to_dict(self):
+        """The config as it would be written in YAML: builder kwargs back inside their sections."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                section = {k: v for k, v in dataclasses.asdict(value).items() if k != "kwargs"}
+                section.update(getattr(value, "kwargs", {}))
+                value = section
+            out[f.name] = value
+        return out
+
+
+# Names people reach for from other trainers, mapped to where the setting lives here.
+SYNONYMS = {
+    "learning_rate": "optimizer.lr",
+    "lr": "optimizer.lr",
+    "weight_decay": "optimizer.weight_decay",
+    "warmup_ratio": "scheduler.warmup_ratio",
+    "warmup_steps": "scheduler.warmup_steps",
+    "num_epochs": "training.epochs",
+    "epochs": "training.epochs",
+    "max_epochs": "training.epochs",
+    "batch_size": "data.batch_size",
+    "max_grad_norm": "training.grad_clip",
+    "gradient_clip_val": "training.grad_clip",
+    "grad_clip": "training.grad_clip",
+    "seed": "seed",
+    "output_dir": "output.dir",
+    "save_every": "checkpoint.save_every",
+    "patience": "training.early_stopping_patience",
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float (YAML 1.1, and so PyYAML, wants `1.0e-3`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text):
+    return yaml.load(text, Loader=_Loader)
+
+
+def load_config(path, overrides=(), check_components=True):
+    """Read, override, type-check and value-check a config; raise ConfigError listing every problem."""
+    problems = []
+    raw = _apply_overrides(_read_yaml_file(path), overrides, problems)
+    return config_from_dict(raw, check_components, problems)
+
+
+def config_from_dict(raw, check_components=True, problems=None):
+    """The same checks as `load_config`, for a config already in memory (tests, benchmarks, notebooks)."""
+    problems = list(problems or [])
+    cfg = _from_dict(raw, problems)
+    if cfg is not None:
+        problems += [f"`{key}`: {msg}" for key, msg in check_values(cfg)]
+        if check_components:
+            from .components import check_components as check
+
+            problems += [f"`{key}`: {msg}" for key, msg in check(cfg)]
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _read_yaml_file(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file `{path}` does not exist; pass an existing YAML file, e.g. --config configs/default.yaml")
+    try:
+        raw = parse_yaml(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file `{path}` is not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file `{path}` must hold a mapping of sections (model:, data:, ...), not {type(raw).__name__}")
+    return raw
+
+
+def _apply_overrides(raw, overrides, problems):
+    """`section.key=value` on top of the file; values are read as YAML (`[1,2]`, `null`, `3e-4`)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        if not sep or not dotted:
+            problems.append(f"override `{item}` must look like `section.key=value`, e.g. `training.epochs=5`")
+            continue
+        try:
+            value = parse_yaml(text) if text != "" else None
+        except yaml.YAMLError:
+            value = text
+        parts = dotted.split(".")
+        if len(parts) == 1:
+            raw[parts[0]] = value
+        elif len(parts) == 2:
+            section = raw.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                problems.append(f"override `{item}`: `{parts[0]}` is not a section")
+                continue
+            section[parts[1]] = value
+        else:
+            problems.append(f"override `{item}`: keys have the form `section.key`, not `{dotted}`")
+    return raw
+
+
+def _from_dict(raw, problems):
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    values = {}
+    for key, value in raw.items():
+        if key not in sections:
+            problems.append(f"unknown key `{key}`{_suggest(key, None)}")
+            continue
+        section_class = _section_class(sections[key])
+        if section_class:
+            values[key] = _section_from_dict(key, section_class, value, problems)
+        else:
+            values[key] = _check_type(key, value, typing.get_type_hints(Config)[key], problems)
+    if any(v is _INVALID for v in values.values()):
+        return None
+    return Config(**{k: v for k, v in values.items()})
+
+
+_INVALID = object()
+
+
+def _section_class(config_field):
+    """The dataclass of a section field of Config, or None for a plain value such as `seed`."""
+    factory = config_field.default_factory
+    return factory if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory) else None
+
+
+def _field_names(section_class):
+    return [f.name for f in dataclasses.fields(section_class) if f.name != "kwargs"]
+
+
+def _section_from_dict(name, cls, value, problems):
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        problems.append(f"`{name}` must be a mapping of keys, got {type(value).__name__} `{value!r}`")
+        return _INVALID
+    hints = typing.get_type_hints(cls)
+    known = set(_field_names(cls))
+    takes_kwargs = "kwargs" in hints
+    kwargs, fields_ = {}, {}
+    ok = True
+    for key, item in value.items():
+        if not isinstance(key, str):
+            problems.append(f"`{name}`: keys must be strings, got `{key!r}`")
+            ok = False
+        elif key in known:
+            checked = _check_type(f"{name}.{key}", item, hints[key], problems)
+            ok &= checked is not _INVALID
+            fields_[key] = checked
+        elif takes_kwargs:
+            kwargs[key] = item  # checked against the builder's signature in components.py
+        else:
+            problems.append(f"unknown key `{name}.{key}`{_suggest(key, name)}")
+            ok = False
+    if not ok:
+        return _INVALID
+    if takes_kwargs:
+        fields_["kwargs"] = kwargs
+    return cls(**fields_)
+
+
+def _check_type(key, value, annotation, problems):
+    """`value` if it fits `annotation` (ints accepted for floats), else record a problem and return _INVALID."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _check_type(key, value, next(a for a in args if a is not type(None)), problems)
+    if origin is Literal:
+        if value in args:
+            return value
+        allowed = ", ".join(str(a) for a in args)
+        problems.append(f"`{key}` is `{value!r}`; allowed values: {allowed}")
+        return _INVALID
+    expected = origin or annotation
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+    shown = "null" if value is None else f"`{value!r}` ({type(value).__name__})"
+    problems.append(f"`{key}` must be {kind.get(expected, expected.__name__)}, got {shown}")
+    return _INVALID
+
+
+def _suggest(key, section):
+    """'; did you mean `x.y`?' from the same section's keys, the other sections' keys and SYNONYMS."""
+    candidates = {}
+    sections = {f.name: _section_class(f) for f in dataclasses.fields(Config)}
+    for name, sub in sections.items():
+        for n in _field_names(sub) if sub else [name]:
+            candidates.setdefault(n, []).append(f"{name}.{n}" if sub else n)
+    for synonym, target in SYNONYMS.items():
+        candidates.setdefault(synonym, []).append(target)
+    if section is not None:  # prefer a close key in the section the user was writing
+        close = difflib.get_close_matches(key, _field_names(sections[section]), n=1, cutoff=0.7)
+        if close:
+            return f"; did you mean `{section}.{close[0]}`?"
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f"; did you mean `{candidates[close[0]][0]}`?"
+
+
+def check_values(cfg):
+    """(key, message) for every value that has the right type but cannot work."""
+    t, s, o, d, c = cfg.training, cfg.scheduler, cfg.optimizer, cfg.data, cfg.checkpoint
+    rules = [
+        ("optimizer.lr", o.lr > 0, f"must be > 0, got {o.lr}"),
+        ("optimizer.weight_decay", o.weight_decay >= 0, f"must be >= 0, got {o.weight_decay}"),
+        ("scheduler.warmup_ratio", 0 <= s.warmup_ratio < 1, f"must be in [0, 1), got {s.warmup_ratio}"),
+        ("scheduler.warmup_steps", s.warmup_steps is None or s.warmup_steps >= 0, f"must be >= 0, got {s.warmup_steps}"),
+        ("scheduler.min_lr_ratio", 0 <= s.min_lr_ratio <= 1, f"must be in [0, 1], got {s.min_lr_ratio}"),
+        ("training.epochs", t.epochs >= 1, f"must be >= 1, got {t.epochs}"),
+        ("training.max_steps", t.max_steps is None or t.max_steps >= 1, f"must be >= 1 or null, got {t.max_steps}"),
+        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1,
+         f"must be >= 1, got {t.gradient_accumulation_steps}"),
+        ("training.grad_clip", t.grad_clip is None or t.grad_clip > 0, f"must be > 0 or null (no clipping), got {t.grad_clip}"),
+        ("training.eval_every", t.eval_every >= 1, f"must be >= 1, got {t.eval_every}"),
+        ("training.log_every", t.log_every >= 1, f"must be >= 1, got {t.log_every}"),
+        ("training.early_stopping_patience", t.early_stopping_patience is None or t.early_stopping_patience >= 1,
+         f"must be >= 1 or null (off), got {t.early_stopping_patience}"),
+        ("training.early_stopping_min_delta", t.early_stopping_min_delta >= 0,
+         f"must be >= 0, got {t.early_stopping_min_delta}"),
+        ("data.batch_size", d.batch_size >= 1, f"must be >= 1, got {d.batch_size}"),
+        ("data.val_batch_size", d.val_batch_size is None or d.val_batch_size >= 1, f"must be >= 1, got {d.val_batch_size}"),
+        ("data.num_workers", d.num_workers >= 0, f"must be >= 0, got {d.num_workers}"),
+        ("checkpoint.save_every", c.save_every >= 1, f"must be >= 1, got {c.save_every}"),
+        ("checkpoint.save_every_steps", c.save_every_steps is None or c.save_every_steps >= 1,
+         f"must be >= 1 or null, got {c.save_every_steps}"),
+        ("checkpoint.keep_last_n", c.keep_last_n is None or c.keep_last_n >= 1, f"must be >= 1 or null (keep all), got {c.keep_last_n}"),
+        ("output.dir", cfg.output.dir.strip() != "", "must not be empty"),
+    ]
+    problems = [(key, msg) for key, ok, msg in rules if not ok]
+    problems += _check_precision(t)
+    for i, name in enumerate(t.metrics):
+        if not isinstance(name, str):
+            problems.append((f"training.metrics[{i}]", f"must be a metric name, got `{name!r}`"))
+    return problems
+
+
+def _check_precision(t):
+    if t.use_amp is False and t.mixed_precision not in (None, "no"):
+        return [("training.use_amp", f"is false but training.mixed_precision is `{t.mixed_precision}`; set only one of them")]
+    wants_fp16 = t.mixed_precision == "fp16"
+    if wants_fp16 and not cuda_available():
+        return [("training.mixed_precision", "is `fp16` but this run has no CUDA GPU, and fp16 needs one "
+                 "(accelerate would silently train in fp32); use `bf16` or `no` on CPU, or `auto` to pick per machine")]
+    return []
+
+
+def cuda_available():
+    """Whether this run will train on a CUDA GPU (accelerate's ACCELERATE_USE_CPU forces the CPU)."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()

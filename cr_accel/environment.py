@@ -1,0 +1,61 @@
+"""The Accelerator for a config, and a record of where a run ran (written next to its outputs)."""
+
+import os
+import platform
+import socket
+import sys
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+
+from .config import cuda_available
+
+
+def pick_precision(requested):
+    """`auto`: bf16 on CUDA GPUs that support it (Ampere and newer), fp16 on older CUDA GPUs, no on CPU.
+
+    On CPU, bf16 autocast works but is usually slower than fp32 for the small models that fit there,
+    so `auto` stays in fp32; ask for `bf16` explicitly to use it.
+    """
+    if requested != "auto":
+        return requested
+    if not cuda_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def make_accelerator(cfg):
+    return Accelerator(
+        mixed_precision=pick_precision(cfg.resolved_mixed_precision),
+        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+        # A seedable sampler makes the shuffle a function of (seed, epoch): the recipe for exact resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def describe_environment(accelerator):
+    """JSON-ready facts about this run's processes, device, precision and package versions."""
+    import accelerate
+
+    from . import __version__
+
+    device = accelerator.device
+    info = {
+        "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "device": str(device),
+        "mixed_precision": accelerator.mixed_precision,
+        "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "cr_accel": __version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -1,0 +1,80 @@
+"""What a run writes for people: a plain-text log and a CSV of epoch metrics (main process only)."""
+
+import csv
+import datetime
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class TextLog:
+    """Timestamped lines into `path` and onto the console; silent on every process but the main one."""
+
+    def __init__(self, path, enabled):
+        self.enabled = enabled
+        self._file = None
+        if enabled:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", buffering=1)  # line-buffered: a crash loses no finished line
+
+    def info(self, message, console=True):
+        if not self.enabled:
+            return
+        stamp = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+        for line in str(message).splitlines():
+            self._file.write(f"{stamp} {line}\n")
+        if console:
+            tqdm.write(str(message), file=sys.stdout)
+
+    def close(self):
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+class MetricsCSV:
+    """One row per epoch, one column per metric; a metric that appears later widens the whole file."""
+
+    def __init__(self, path, enabled):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def append(self, row):
+        if not self.enabled:
+            return
+        rows, columns = self._read()
+        new_columns = [k for k in row if k not in columns]
+        if new_columns and rows:  # rewrite once with the wider header; old rows get empty cells
+            self._write(rows + [row], columns + new_columns)
+            return
+        columns = columns or list(row)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            if not rows and self.path.stat().st_size == 0:
+                writer.writeheader()
+            writer.writerow({k: _cell(v) for k, v in row.items()})
+
+    def _read(self):
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+            return [], []
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader), list(reader.fieldnames or [])
+
+    def _write(self, rows, columns):
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _cell(v) for k, v in row.items()})
+        tmp.replace(self.path)
+
+
+def _cell(value):
+    if isinstance(value, float):
+        return repr(value)  # shortest exact text: resumed and straight runs compare equal
+    return value

@@ -1,0 +1,277 @@
+"""The Trainer: one Accelerator-managed loop, built from a validated Config.
+
+    trainer = Trainer(cfg)
+    trainer.add_callback(my_callback)
+    trainer.train()
+"""
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import DistributedType, set_seed
+from torch.utils.data import DataLoader
+
+from . import components
+from .callbacks import CallbackList, Event
+from .environment import describe_environment, make_accelerator
+from .models import count_parameters
+from .progress import Progress
+from .run_log import MetricsCSV, TextLog
+from .step_stats import StepStats
+
+# Where accelerate's wrappers only add Python overhead (about 250 us per step: see the benchmark notes),
+# the step calls torch directly. Anything with a GradScaler, sharding or an engine goes through accelerate.
+_PLAIN_TYPES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+
+class Trainer:
+    def __init__(self, cfg, callbacks=()):
+        self.cfg = cfg
+        t = cfg.training
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+        set_seed(cfg.seed, deterministic=t.deterministic)  # before anything draws random numbers
+        self.accelerator = acc = make_accelerator(cfg)
+        self.callbacks = CallbackList()
+        for cb in callbacks:
+            self.add_callback(cb)
+
+        self.data = components.build_datasets(cfg)
+        model = components.build_model(cfg)
+        self.loss_fn = components.build_loss(cfg).to(acc.device)
+        self.metric_fns = components.build_metrics(cfg)
+        optimizer = components.build_optimizer(cfg, model.parameters())
+        train_loader, val_loader = self._make_loaders()
+        self.model, self.optimizer, self.train_loader, self.val_loader = acc.prepare(
+            model, optimizer, train_loader, val_loader
+        )
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
+        self.total_steps = t.epochs * self.steps_per_epoch
+        if t.max_steps is not None:
+            self.total_steps = min(self.total_steps, t.max_steps)
+        # The schedule is stepped by the trainer once per optimizer step, not prepared by accelerate.
+        self.schedule = components.build_schedule(cfg, optimizer, self.total_steps)
+
+        self.plain_step = acc.scaler is None and acc.distributed_type in _PLAIN_TYPES
+        self.step_optimizer = optimizer if self.plain_step else self.optimizer
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.max_grad_norm = t.grad_clip if t.grad_clip is not None else math.inf
+
+        self.epoch = 0  # next epoch to run
+        self.global_step = 0  # optimizer steps done
+        self.best_value = None
+        self.bad_validations = 0  # consecutive validations without improvement (early stopping)
+        self.should_stop = False
+        self.stop_reason = None
+
+        main = acc.is_main_process
+        self.output_dir = Path(cfg.output.dir)
+        self.log = TextLog(self.output_dir / cfg.output.log_file, enabled=main)
+        self.csv = MetricsCSV(self.output_dir / cfg.output.metrics_file, enabled=main)
+        self.progress = Progress(enabled=acc.is_local_main_process)
+        self.stats = StepStats(acc, allow_nonfinite=t.skip_nonfinite)
+
+    def add_callback(self, cb):
+        return self.callbacks.add(cb)
+
+    # ---------------------------------------------------------------- set-up
+
+    def _make_loaders(self):
+        d = self.cfg.data
+        # The loader's own generator keeps iterator creation from drawing on the global RNG (which
+        # would shift dropout masks); with the seedable sampler the shuffle depends on (seed, epoch) only.
+        train = DataLoader(self.data.train, batch_size=d.batch_size, shuffle=True, num_workers=d.num_workers,
+                           pin_memory=d.pin_memory, generator=torch.Generator().manual_seed(self.cfg.seed))
+        val = DataLoader(self.data.val, batch_size=d.val_batch_size or d.batch_size, shuffle=False,
+                         num_workers=d.num_workers, pin_memory=d.pin_memory)
+        return train, val
+
+    def _write_run_files(self):
+        if not self.accelerator.is_main_process:
+            return
+        import yaml
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        env = describe_environment(self.accelerator)
+        env["dataset"] = self.data.metadata
+        (self.output_dir / "environment.json").write_text(json.dumps(env, indent=2, default=str))
+        self.log.info(f"cr_accel run in {self.output_dir} | {env['world_size']} process(es) on {env['device']} | "
+                      f"precision {env['mixed_precision']} | torch {env['torch']} accelerate {env['accelerate']}")
+        self.log.info(f"model {self.cfg.model.name}: {count_parameters(self.accelerator.unwrap_model(self.model)):,} "
+                      f"parameters | {len(self.data.train)} train / {len(self.data.val)} val samples | "
+                      f"{self.steps_per_epoch} optimizer steps per epoch, {self.total_steps} in total")
+        self.log.info("hyperparameters:\n" + yaml.safe_dump(self.cfg.to_dict(), sort_keys=False).rstrip(), console=False)
+
+    # ---------------------------------------------------------------- the loop
+
+    def train(self):
+        self._write_run_files()
+        self.callbacks.fire(Event.ON_TRAIN_START, self)
+        status = "failed"
+        try:
+            while self.epoch < self.cfg.training.epochs and not self.should_stop:
+                self._run_epoch()
+            status = self.stop_reason or "finished"
+        finally:
+            self._finish(status)
+        return status
+
+    def _run_epoch(self):
+        epoch, t = self.epoch, self.cfg.training
+        started = time.perf_counter()
+        metrics = {"epoch": epoch + 1, **self.train_one_epoch(epoch)}
+        last_epoch = epoch + 1 == t.epochs or self.global_step >= self.total_steps
+        if (epoch + 1) % t.eval_every == 0 or last_epoch:
+            val_metrics = self.validate()
+            metrics.update(val_metrics)
+            self._update_best(metrics)
+            self.callbacks.fire(Event.ON_VALIDATION_END, self, metrics)
+        metrics["step"] = self.global_step
+        metrics["best_val"] = self.best_value if self.best_value is not None else math.nan
+        metrics["lr"] = self.schedule.get_last_lr()[0]
+        epoch_time = time.perf_counter() - started
+        metrics["samples_per_s"] = metrics.pop("samples") / epoch_time
+        metrics["epoch_time"] = epoch_time
+        if self.accelerator.device.type == "cuda":
+            peak = torch.tensor(torch.cuda.max_memory_allocated(self.accelerator.device) / 2**20,
+                                device=self.accelerator.device)
+            metrics["peak_mem_mb"] = float(self.accelerator.gather(peak).max())
+        self.epoch = epoch + 1
+        if self.global_step >= self.total_steps:
+            self.should_stop, self.stop_reason = True, self.stop_reason or "finished"
+        self._log_epoch(metrics)
+        self.callbacks.fire(Event.ON_EPOCH_END, self, metrics)
+        return metrics
+
+    def train_one_epoch(self, epoch):
+        """One pass over the training data; returns the epoch's train metrics, reduced over processes."""
+        acc, t = self.accelerator, self.cfg.training
+        self.model.train()
+        self.train_loader.set_epoch(epoch)  # every epoch, also after a restart: the shuffle follows it
+        self.stats.reset_epoch()
+        bar = self.progress.epoch_bar(epoch, t.epochs, len(self.train_loader))
+        accumulate = t.gradient_accumulation_steps > 1 or not self.plain_step
+        step_listeners = self.callbacks.has(Event.ON_STEP_END)
+        samples = 0
+        for inputs, targets in self.train_loader:
+            if accumulate:
+                with acc.accumulate(self.model):
+                    loss = self._forward_backward(inputs, targets)
+                    synced = acc.sync_gradients
+            else:
+                loss = self._forward_backward(inputs, targets)
+                synced = True
+            samples += len(inputs)
+            if bar is not None:
+                bar.update()
+            if not synced:
+                continue
+            self._optimizer_step()
+            if step_listeners:
+                self.callbacks.fire(Event.ON_STEP_END, self, self.global_step, loss)
+            if self.global_step % t.log_every == 0:
+                self._report_progress(epoch)
+            if self.global_step >= self.total_steps or self.should_stop:
+                break
+        self.stats.samples = samples
+        self.progress.close()
+        return self.stats.epoch_totals()
+
+    def _forward_backward(self, inputs, targets):
+        loss = self.loss_fn(self.model(inputs), targets)
+        self.stats.add_loss(loss, self.global_step)
+        if self.plain_step:
+            # What accelerator.backward does without a GradScaler, minus its per-call overhead.
+            accum = self.cfg.training.gradient_accumulation_steps
+            (loss / accum if accum > 1 else loss).backward()
+        else:
+            self.accelerator.backward(loss)
+        return loss
+
+    def _optimizer_step(self):
+        """Clip (recording the pre-clip norm), step, advance the LR schedule, zero the gradients."""
+        acc = self.accelerator
+        if self.plain_step:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        else:
+            norm = acc.clip_grad_norm_(self.params, self.max_grad_norm)  # unscales fp16 gradients first
+        self.stats.add_grad_norm(norm)
+        if self.cfg.training.skip_nonfinite and not torch.isfinite(norm):  # one sync per step, by request
+            self.stats.skipped_steps += 1
+            self.step_optimizer.zero_grad(set_to_none=True)
+            return
+        self.step_optimizer.step()
+        if self.plain_step or not acc.optimizer_step_was_skipped:  # fp16 overflow steps do not count
+            self.schedule.step()
+            self.global_step += 1
+        self.step_optimizer.zero_grad(set_to_none=True)
+
+    def _report_progress(self, epoch):
+        self.stats.flush()
+        self.progress.report(epoch, self.global_step, self.total_steps, self.stats.last_loss,
+                             self.schedule.get_last_lr()[0])
+
+    @torch.no_grad()
+    def validate(self):
+        """Exact means over the validation set for any number of processes (gather_for_metrics drops the
+        samples that were duplicated to even out the last batch). Losses must average over the batch."""
+        self.model.eval()
+        acc = self.accelerator
+        totals = torch.zeros(1 + len(self.metric_fns), dtype=torch.float64, device=acc.device)
+        count = 0
+        for inputs, targets in self.progress.validation(self.val_loader):
+            outputs, targets = acc.gather_for_metrics((self.model(inputs), targets))
+            n = len(targets)
+            values = [self.loss_fn(outputs, targets).double() * n]
+            values += [fn(outputs, targets).double().sum() for fn in self.metric_fns.values()]
+            totals += torch.stack(values)
+            count += n
+        means = (totals / max(count, 1)).tolist()
+        self.model.train()
+        result = {"val_loss": means[0]}
+        result.update({f"val_{name}": v for name, v in zip(self.metric_fns, means[1:])})
+        return result
+
+    def _update_best(self, metrics):
+        c, t = self.cfg.checkpoint, self.cfg.training
+        value = metrics.get(c.monitor)
+        if value is None or math.isnan(value):
+            return
+        delta = t.early_stopping_min_delta
+        improved = self.best_value is None or (
+            value < self.best_value - delta if c.mode == "min" else value > self.best_value + delta
+        )
+        if improved:
+            self.best_value = value
+            self.bad_validations = 0
+            return
+        self.bad_validations += 1
+        patience = t.early_stopping_patience
+        if patience is not None and self.bad_validations >= patience:
+            self.should_stop, self.stop_reason = True, "stopped_early"
+            self.log.info(f"early stopping: {c.monitor} has not improved for {patience} validations "
+                          f"(best {self.best_value:.6g})")
+
+    def _log_epoch(self, metrics):
+        m = metrics
+        parts = [f"epoch {m['epoch']}/{self.cfg.training.epochs}", f"step {m['step']}",
+                 f"train_loss {m['train_loss']:.6g}"]
+        if "val_loss" in m:
+            parts.append(f"val_loss {m['val_loss']:.6g}")
+        parts += [f"best_val {m['best_val']:.6g}", f"lr {m['lr']:.4g}"]
+        parts += [f"{k} {v:.4g}" for k, v in m.items() if k.startswith("val_") and k != "val_loss"]
+        self.log.info(" | ".join(parts))
+        self.csv.append(metrics)
+
+    def _finish(self, status):
+        self.progress.close()
+        self.callbacks.fire(Event.ON_TRAIN_END, self, status)
+        self.log.info(f"training {status} after {self.epoch} epochs, {self.global_step} optimizer steps")
+        self.log.close()
+        if status != "failed":  # after a failure on one process, the others may never arrive
+            self.accelerator.wait_for_everyone()

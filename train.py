@@ -1,0 +1,12 @@
+"""Train a model from a YAML config:
+
+    python train.py --config configs/default.yaml [section.key=value ...]
+    accelerate launch train.py --config configs/default.yaml
+"""
+
+import sys
+
+from cr_accel.cli import main_train
+
+if __name__ == "__main__":
+    sys.exit(main_train())
