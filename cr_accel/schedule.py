@@ -85,7 +85,13 @@ class StepSchedule:
             group["lr"] = base * f
 
     def get_last_lr(self):
+        """The LR the next optimizer step will use."""
         return [group["lr"] for group in self.optimizer.param_groups]
+
+    def lr_of_last_step(self):
+        """The LR the most recent optimizer step used (the next one's before any step)."""
+        step = max(self.step_count - 1, 0)
+        return [base * self.factor(step) for base in self.base_lrs]
 
     def state_dict(self):
         return {"step_count": self.step_count, "base_lrs": self.base_lrs}

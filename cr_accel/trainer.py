@@ -133,7 +133,7 @@ class Trainer:
             self.callbacks.fire(Event.ON_VALIDATION_END, self, metrics)
         metrics["step"] = self.global_step
         metrics["best_val"] = self.best_value if self.best_value is not None else math.nan
-        metrics["lr"] = self.schedule.get_last_lr()[0]
+        metrics["lr"] = self.schedule.lr_of_last_step()[0]
         epoch_time = time.perf_counter() - started
         metrics["samples_per_s"] = metrics.pop("samples") / epoch_time
         metrics["epoch_time"] = epoch_time
@@ -214,7 +214,7 @@ class Trainer:
     def _report_progress(self, epoch):
         self.stats.flush()
         self.progress.report(epoch, self.global_step, self.total_steps, self.stats.last_loss,
-                             self.schedule.get_last_lr()[0])
+                             self.schedule.lr_of_last_step()[0])
 
     @torch.no_grad()
     def validate(self):
