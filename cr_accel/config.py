@@ -196,13 +196,13 @@ def load_config(path, overrides=(), check_components=True):
 def config_from_dict(raw, check_components=True, problems=None):
     """The same checks as `load_config`, for a config already in memory (tests, benchmarks, notebooks)."""
     problems = list(problems or [])
-    cfg = _from_dict(raw, problems)
-    if cfg is not None:
-        problems += [f"`{key}`: {msg}" for key, msg in check_values(cfg)]
-        if check_components:
-            from .components import check_components as check
+    cfg, flagged = _from_dict(raw, problems)
+    problems += [f"`{key}`: {msg}" for key, msg in check_values(cfg) if key not in flagged]
+    if check_components:
+        from .components import check_components as check
 
-            problems += [f"`{key}`: {msg}" for key, msg in check(cfg)]
+        # A section with a wrongly typed key is not resolved: its name or kwargs may be the wrong ones.
+        problems += [f"`{key}`: {msg}" for key, msg in check(cfg) if key.split(".")[0] not in flagged]
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -224,46 +224,62 @@ def _read_yaml_file(path):
 
 
 def _apply_overrides(raw, overrides, problems):
-    """`section.key=value` on top of the file; values are read as YAML (`[1,2]`, `null`, `3e-4`)."""
+    """`section.key=value` on top of the file, values read as YAML (`[1,2]`, `null`, `3e-4`);
+    `~section.key` removes a key (e.g. a dataset argument, when switching `data.name`)."""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for item in overrides:
-        dotted, sep, text = item.partition("=")
-        if not sep or not dotted:
-            problems.append(f"override `{item}` must look like `section.key=value`, e.g. `training.epochs=5`")
-            continue
-        try:
-            value = parse_yaml(text) if text != "" else None
-        except yaml.YAMLError:
-            value = text
+        remove = item.startswith("~")
+        dotted, sep, text = item[remove:].partition("=")
         parts = dotted.split(".")
-        if len(parts) == 1:
-            raw[parts[0]] = value
-        elif len(parts) == 2:
-            section = raw.setdefault(parts[0], {})
-            if not isinstance(section, dict):
-                problems.append(f"override `{item}`: `{parts[0]}` is not a section")
-                continue
-            section[parts[1]] = value
-        else:
+        if (not sep and not remove) or (sep and remove) or not dotted:
+            problems.append(f"override `{item}` must look like `section.key=value` (or `~section.key` to remove "
+                            "a key), e.g. `training.epochs=5`")
+        elif len(parts) > 2:
             problems.append(f"override `{item}`: keys have the form `section.key`, not `{dotted}`")
+        elif len(parts) == 2 and not isinstance(raw.setdefault(parts[0], {}), dict):
+            problems.append(f"override `{item}`: `{parts[0]}` is not a section")
+        elif remove:
+            container = raw if len(parts) == 1 else raw[parts[0]]
+            if container.pop(parts[-1], _INVALID) is _INVALID:
+                problems.append(f"override `{item}`: `{dotted}` is not in the config, so it cannot be removed")
+        else:
+            container = raw if len(parts) == 1 else raw[parts[0]]
+            container[parts[-1]] = _parse_value(text)
     return raw
 
 
+def _parse_value(text):
+    if text == "":
+        return None
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError:
+        return text
+
+
 def _from_dict(raw, problems):
+    """A Config from `raw`, plus the set of keys (and section names) that were wrong.
+
+    A wrong value keeps its default so that checking can go on and report every other problem too;
+    the returned set tells the later checks which keys to leave alone.
+    """
     sections = {f.name: f for f in dataclasses.fields(Config)}
-    values = {}
+    hints = typing.get_type_hints(Config)
+    values, flagged = {}, set()
     for key, value in raw.items():
         if key not in sections:
             problems.append(f"unknown key `{key}`{_suggest(key, None)}")
             continue
         section_class = _section_class(sections[key])
         if section_class:
-            values[key] = _section_from_dict(key, section_class, value, problems)
+            values[key] = _section_from_dict(key, section_class, value, problems, flagged)
+            continue
+        checked = _check_type(key, value, hints[key], problems)
+        if checked is _INVALID:
+            flagged.add(key)
         else:
-            values[key] = _check_type(key, value, typing.get_type_hints(Config)[key], problems)
-    if any(v is _INVALID for v in values.values()):
-        return None
-    return Config(**{k: v for k, v in values.items()})
+            values[key] = checked
+    return Config(**values), flagged
 
 
 _INVALID = object()
@@ -279,32 +295,31 @@ def _field_names(section_class):
     return [f.name for f in dataclasses.fields(section_class) if f.name != "kwargs"]
 
 
-def _section_from_dict(name, cls, value, problems):
+def _section_from_dict(name, cls, value, problems, flagged):
     if value is None:
         return cls()
     if not isinstance(value, dict):
         problems.append(f"`{name}` must be a mapping of keys, got {type(value).__name__} `{value!r}`")
-        return _INVALID
+        flagged.add(name)
+        return cls()
     hints = typing.get_type_hints(cls)
     known = set(_field_names(cls))
     takes_kwargs = "kwargs" in hints
     kwargs, fields_ = {}, {}
-    ok = True
     for key, item in value.items():
         if not isinstance(key, str):
             problems.append(f"`{name}`: keys must be strings, got `{key!r}`")
-            ok = False
+            flagged.add(name)
         elif key in known:
             checked = _check_type(f"{name}.{key}", item, hints[key], problems)
-            ok &= checked is not _INVALID
-            fields_[key] = checked
+            if checked is _INVALID:
+                flagged.update((name, f"{name}.{key}"))
+            else:
+                fields_[key] = checked
         elif takes_kwargs:
             kwargs[key] = item  # checked against the builder's signature in components.py
         else:
             problems.append(f"unknown key `{name}.{key}`{_suggest(key, name)}")
-            ok = False
-    if not ok:
-        return _INVALID
     if takes_kwargs:
         fields_["kwargs"] = kwargs
     return cls(**fields_)
@@ -339,8 +354,9 @@ def _suggest(key, section):
     candidates = {}
     sections = {f.name: _section_class(f) for f in dataclasses.fields(Config)}
     for name, sub in sections.items():
-        for n in _field_names(sub) if sub else [name]:
-            candidates.setdefault(n, []).append(f"{name}.{n}" if sub else n)
+        candidates.setdefault(name, []).append(name)
+        for n in _field_names(sub) if sub else []:
+            candidates.setdefault(n, []).append(f"{name}.{n}")
     for synonym, target in SYNONYMS.items():
         candidates.setdefault(synonym, []).append(target)
     if section is not None:  # prefer a close key in the section the user was writing

@@ -38,7 +38,7 @@ class Registry:
         if name in self._builders:
             return self._builders[name]
         close = difflib.get_close_matches(name, self._builders, n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
+        hint = f"; did you mean `{close[0]}`?" if close else "."
         raise LookupError(
             f"unknown {self.kind} `{name}`{hint} Choose one of: {', '.join(self.names())}, "
             f"or give your own as `package.module:Name`"

@@ -1,0 +1,488 @@
+"""Datasets chosen by name from the `data:` section of the config, each returning train and val splits.
+
+The trainer calls `DATASETS.resolve(name)(seed=..., **data_section)`. Every builder returns a
+`DatasetSplits`: two map-style datasets whose items are `(input, target)` tensor pairs, and a
+JSON-serialisable `metadata` dict that the trainer writes into the run folder and reads to pick metrics.
+
+Two rules hold for every builder here:
+- Randomness comes only from `torch.Generator`s derived from `seed`, never from the global RNGs, so that
+  building a dataset cannot shift the RNG state a resumed run depends on.
+- Everything is loaded or generated at construction; `__getitem__` is only tensor indexing.
+
+Metadata keys shared by all builders: `dataset`, `task`, `input_shape`, `target_shape` (per sample),
+`input_dtype`, `target_dtype`, `num_train`, `num_val`, `data_range` (`[low, high]` of the targets, or
+None), `normalization` (per-channel input statistics, or None) and `source`.
+"""
+
+import hashlib
+import math
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+from cr_accel.errors import UserError
+from cr_accel.registry import Registry
+
+DATASETS = Registry("dataset")
+
+SUPPORTED_SUFFIXES = (".npz", ".safetensors", ".pt")
+_SUPPORTED_TEXT = ".npz, .safetensors or .pt"
+
+
+@dataclass
+class DatasetSplits:
+    """What every dataset builder returns."""
+
+    train: Dataset  # map-style: __len__, __getitem__(i) -> (input_tensor, target_tensor)
+    val: Dataset
+    metadata: dict  # JSON-serialisable description, see the module docstring
+
+
+def seeded_generator(seed, stream):
+    """A CPU generator for one named stream of `seed`.
+
+    Streams are derived by hashing rather than `seed + k`, so seed 0's validation stream can never be
+    seed 1's training stream. sha256 is the same in every process, platform and Python version.
+    """
+    digest = hashlib.sha256(f"cr_accel/{seed}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# synthetic_cr: generated reconstruction task
+# ----------------------------------------------------------------------------------------------------
+
+
+@DATASETS.register("synthetic_cr")
+def synthetic_cr(
+    seed,
+    num_train=256,
+    num_val=64,
+    image_size=32,
+    max_shapes=4,
+    blur_sigma=1.0,
+    noise_std=0.05,
+    mask_ratio=0.0,
+):
+    """Synthetic reconstruction: recover clean images of smooth shapes from blurred, noisy, masked copies.
+
+    Targets are 1 x image_size x image_size float32 images in [0, 1]: a dark background (level below 0.1)
+    with 1 to `max_shapes` soft-edged ellipses, rectangles and smooth blobs of random size, rotation and
+    intensity. Inputs are the targets blurred by a gaussian, plus gaussian noise, clipped to [0, 1], and
+    with a random fraction of pixels set to 0. Generated in memory from the seed: the same seed gives
+    bit-identical data in every process on a machine, whatever its thread count. Train and val come from
+    separate random streams, so changing `num_train` leaves the validation set as it was.
+
+    Args:
+        num_train: number of training images (default 256).
+        num_val: number of validation images (default 64).
+        image_size: height and width of each image in pixels (default 32).
+        max_shapes: largest number of shapes drawn per image; each image has 1 to max_shapes (default 4).
+        blur_sigma: standard deviation of the gaussian blur in pixels; 0 turns blurring off (default 1.0).
+        noise_std: standard deviation of the additive gaussian noise, in units of the [0, 1] data range;
+            0 turns noise off (default 0.05).
+        mask_ratio: fraction of input pixels set to 0 at random, in [0, 1) (default 0.0).
+    """
+    _check_int("num_train", num_train, minimum=1)
+    _check_int("num_val", num_val, minimum=1)
+    _check_int("image_size", image_size, minimum=4)
+    _check_int("max_shapes", max_shapes, minimum=1)
+    _check_float("blur_sigma", blur_sigma, minimum=0.0)
+    _check_float("noise_std", noise_std, minimum=0.0)
+    _check_float("mask_ratio", mask_ratio, minimum=0.0, below=1.0)
+
+    splits = {}
+    for split, count in (("train", num_train), ("val", num_val)):
+        generator = seeded_generator(seed, f"synthetic_cr/{split}")
+        clean = _render_shapes(generator, count, image_size, max_shapes)
+        degraded = _degrade(clean, generator, blur_sigma, noise_std, mask_ratio)
+        splits[split] = TensorDataset(degraded, clean)
+
+    shape = [1, image_size, image_size]
+    metadata = {
+        "dataset": "synthetic_cr",
+        "task": "reconstruction",
+        "input_shape": shape,
+        "target_shape": shape,
+        "input_dtype": "float32",
+        "target_dtype": "float32",
+        "num_train": num_train,
+        "num_val": num_val,
+        "data_range": [0.0, 1.0],
+        "normalization": None,
+        "source": {"generator": "synthetic_cr", "seed": seed, "max_shapes": max_shapes},
+        "degradation": {
+            "blur_sigma": float(blur_sigma),
+            "noise_std": float(noise_std),
+            "mask_ratio": float(mask_ratio),
+        },
+    }
+    return DatasetSplits(train=splits["train"], val=splits["val"], metadata=metadata)
+
+
+# Rendering and blurring use only +, -, *, /, sqrt, min/max and clamp on image-sized tensors: IEEE-exact
+# operations, whose results cannot depend on the CPU's vector width or on how PyTorch splits work across
+# threads (a 2-process `accelerate launch` runs with fewer threads than a single process). exp, sin and
+# friends are approximations with no such promise, so rotations come from normalised gaussian pairs rather
+# than sin/cos of an angle. (torch.randn itself may differ in the last bits between CPU types, e.g. with
+# and without AVX2; on one machine every process gets the same data.)
+_RENDER_CHUNK = 1024  # images rendered at once, bounding memory for large num_train
+
+
+def _render_shapes(generator, count, size, max_shapes):
+    """`count` clean 1 x size x size images; all random draws happen here, before rendering."""
+    k = max_shapes
+
+    def uniform(low, high, shape=(count, k, 1, 1)):
+        return low + (high - low) * torch.rand(shape, generator=generator)
+
+    params = {
+        "kind": torch.randint(0, 3, (count, k, 1, 1), generator=generator),  # ellipse, rectangle, blob
+        "cx": uniform(0.2, 0.8),
+        "cy": uniform(0.2, 0.8),
+        "ra": uniform(0.08, 0.3),
+        "rb": uniform(0.08, 0.3),
+        "edge": uniform(0.05, 0.4),  # width of the soft edge, as a fraction of the radius
+        "intensity": uniform(0.3, 1.0),
+    }
+    direction = torch.randn((count, k, 2, 1, 1), generator=generator)
+    norm = torch.sqrt(direction[:, :, 0] * direction[:, :, 0] + direction[:, :, 1] * direction[:, :, 1])
+    params["cos"], params["sin"] = direction[:, :, 0] / norm, direction[:, :, 1] / norm
+    shapes_used = torch.randint(1, k + 1, (count, 1, 1, 1), generator=generator)
+    params["intensity"] = params["intensity"] * (torch.arange(k).view(1, k, 1, 1) < shapes_used)
+    background = uniform(0.0, 0.1, (count, 1, 1, 1))
+
+    grid = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    images = []
+    for start in range(0, count, _RENDER_CHUNK):
+        chunk = {name: value[start : start + _RENDER_CHUNK] for name, value in params.items()}
+        shapes = _shape_profiles(chunk, grid.view(1, 1, 1, size), grid.view(1, 1, size, 1))
+        images.append(torch.maximum(background[start : start + _RENDER_CHUNK], shapes.amax(dim=1, keepdim=True)))
+    return torch.cat(images)
+
+
+def _shape_profiles(p, x, y):
+    """(n, k, H, W) shapes scaled by their intensity, from per-shape parameters of size (n, k, 1, 1)."""
+    dx, dy = x - p["cx"], y - p["cy"]
+    u = (p["cos"] * dx + p["sin"] * dy) / p["ra"]  # coordinates along the shape's own axes,
+    v = (p["cos"] * dy - p["sin"] * dx) / p["rb"]  # scaled so the outline sits at 1
+    radius_sq = u * u + v * v
+    ellipse = _smoothstep((1.0 - torch.sqrt(radius_sq)) / p["edge"] + 0.5)
+    rectangle = _smoothstep((1.0 - torch.maximum(u.abs(), v.abs())) / p["edge"] + 0.5)
+    bump = torch.clamp(1.0 - radius_sq, min=0.0)
+    blob = bump * bump * bump  # close to exp(-3 r^2) inside the outline, exactly 0 outside
+    profile = torch.where(p["kind"] == 0, ellipse, torch.where(p["kind"] == 1, rectangle, blob))
+    return p["intensity"] * profile
+
+
+def _smoothstep(t):
+    t = torch.clamp(t, 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _degrade(clean, generator, blur_sigma, noise_std, mask_ratio):
+    """Blur, add noise, clip to [0, 1], mask. Noise and mask are drawn even when switched off, so that
+    changing one knob does not change the random draws behind the others."""
+    noise = torch.randn(clean.shape, generator=generator)
+    keep = torch.rand(clean.shape, generator=generator) >= mask_ratio
+    degraded = _gaussian_blur(clean, blur_sigma) + noise_std * noise
+    return torch.where(keep, degraded.clamp(0.0, 1.0), 0.0)
+
+
+def _gaussian_blur(images, sigma):
+    """Separable gaussian blur of (n, 1, H, W) images with replicated borders, as a sum of shifted copies
+    (exact elementwise operations in a fixed order, so bit-identical whatever the thread count)."""
+    if sigma == 0:
+        return images.clone()
+    radius = max(1, math.ceil(3 * sigma))
+    weights = [math.exp(-0.5 * (offset / sigma) ** 2) for offset in range(-radius, radius + 1)]
+    weights = [w / sum(weights) for w in weights]
+    for dim, pad in ((-1, (radius, radius, 0, 0)), (-2, (0, 0, radius, radius))):
+        padded = F.pad(images, pad, mode="replicate")
+        length = images.shape[dim]
+        blurred = padded.narrow(dim, 0, length) * weights[0]
+        for offset in range(1, len(weights)):
+            blurred = blurred + padded.narrow(dim, offset, length) * weights[offset]
+        images = blurred
+    return images
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name, value, minimum, below=None):
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not is_number or value < minimum or (below is not None and value >= below):
+        allowed = f"in [{minimum}, {below})" if below is not None else f">= {minimum}"
+        raise UserError(f"data.{name} must be a number {allowed}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# tensor_files: the user's own tensors
+# ----------------------------------------------------------------------------------------------------
+
+
+@DATASETS.register("tensor_files")
+def tensor_files(seed, path, val_path=None, val_ratio=0.1, input_key="inputs", target_key="targets"):
+    """Your own data: inputs and targets tensors stored in .npz, .safetensors or .pt files.
+
+    Each file holds two tensors with the same first dimension (the samples): the inputs under
+    `input_key` and the targets under `target_key`. A folder is read as all its .npz, .safetensors and
+    .pt files (other files are ignored), concatenated along the first dimension in sorted file-name
+    order. `.pt` files are read with `torch.load(weights_only=True)` and must hold a plain dict of
+    tensors, e.g. `torch.save({"inputs": x, "targets": y}, "train.pt")`; `.npz` files are read without
+    pickle, e.g. `numpy.savez("train.npz", inputs=x, targets=y)`. Tensors keep their stored dtype.
+
+    The metadata records the task ("classification" for 1-D integer targets, "reconstruction" for
+    floating targets shaped like the inputs, "regression" otherwise), the files read, and the
+    per-channel mean and std of the training inputs (recorded, not applied).
+
+    Args:
+        path: a file, or a folder of files, holding the training data (or all the data, if `val_path`
+            is not given). Relative paths are relative to the working directory.
+        val_path: a file or folder with the validation data, in the same format. If not given, the data
+            at `path` is split at random (default: none).
+        val_ratio: without `val_path`, the fraction of samples held out for validation, in (0, 1); the
+            split is shuffled with the run's seed, so it is the same on every resume (default 0.1).
+        input_key: name of the inputs tensor inside each file (default "inputs").
+        target_key: name of the targets tensor inside each file (default "targets").
+    """
+    if val_path is None:
+        _check_val_ratio(val_ratio)
+    keys = (input_key, target_key)
+    train_files = _list_files(path, "data.path")
+    inputs, targets = _load_files(train_files, keys, reference=None)
+    if val_path is None:
+        (inputs, targets), (val_inputs, val_targets) = _split(inputs, targets, val_ratio, seed, path)
+        val_files, split = train_files, {"val_ratio": float(val_ratio), "seed": seed}
+    else:
+        val_files = _list_files(val_path, "data.val_path")
+        val_inputs, val_targets = _load_files(val_files, keys, reference=(train_files[0], inputs, targets))
+        split = "val_path"
+        for what, where, count in (("training", path, len(inputs)), ("validation", val_path, len(val_inputs))):
+            if count == 0:
+                raise UserError(f"the {what} data at `{where}` has no samples; add data to those files")
+
+    metadata = {
+        "dataset": "tensor_files",
+        **_describe_task(inputs, targets, val_targets),
+        "input_shape": list(inputs.shape[1:]),
+        "target_shape": list(targets.shape[1:]),
+        "input_dtype": _dtype_name(inputs.dtype),
+        "target_dtype": _dtype_name(targets.dtype),
+        "num_train": len(inputs),
+        "num_val": len(val_inputs),
+        "normalization": _channel_stats(inputs),
+        "source": {
+            "train": [str(f) for f in train_files],
+            "val": [str(f) for f in val_files],
+            "split": split,
+            "input_key": input_key,
+            "target_key": target_key,
+        },
+    }
+    return DatasetSplits(TensorDataset(inputs, targets), TensorDataset(val_inputs, val_targets), metadata)
+
+
+def _check_val_ratio(val_ratio):
+    is_number = isinstance(val_ratio, (int, float)) and not isinstance(val_ratio, bool)
+    if not is_number or not 0 < val_ratio < 1:
+        raise UserError(
+            f"data.val_ratio must be a number strictly between 0 and 1 when data.val_path is not set, "
+            f"got {val_ratio!r}; e.g. val_ratio: 0.1 holds out 10% of the samples, or set data.val_path"
+        )
+
+
+def _list_files(path, field):
+    """The data files at `path`: the file itself, or a folder's supported files in sorted name order."""
+    if path is None or not isinstance(path, (str, Path)) or str(path) == "":
+        raise UserError(f"{field} must be a path to a file or folder, got {path!r}")
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.exists():
+        raise UserError(f"{field} `{path}` does not exist (looked for {resolved}); check the path in your config")
+    if resolved.is_dir():
+        files = sorted(f for f in resolved.iterdir() if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES)
+        if not files:
+            present = sorted(f.name for f in resolved.iterdir())
+            listing = ", ".join(present[:10]) + (", ..." if len(present) > 10 else "") if present else "nothing"
+            raise UserError(
+                f"{field} `{path}` is a folder with no {_SUPPORTED_TEXT} files (it holds: {listing}); "
+                f"save your tensors in one of those formats"
+            )
+        return files
+    if resolved.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise UserError(
+            f"{field} `{path}` has unsupported extension `{resolved.suffix or '(none)'}`; "
+            f"save the data as {_SUPPORTED_TEXT} (a dict with the inputs and targets tensors)"
+        )
+    return [resolved]
+
+
+def _load_files(files, keys, reference):
+    """Inputs and targets of every file, concatenated; all files must agree on per-sample shape and dtype
+    with `reference` (file, inputs, targets), or with the first file when there is none."""
+    inputs, targets = [], []
+    for file in files:
+        x, y = _load_file(file, keys)
+        if reference is None:
+            reference = (file, x, y)
+        for what, key, ours, theirs in (("inputs", keys[0], x, reference[1]), ("targets", keys[1], y, reference[2])):
+            if ours.shape[1:] != theirs.shape[1:] or ours.dtype != theirs.dtype:
+                raise UserError(
+                    f"`{file}` has {what} (`{key}`) with per-sample shape {tuple(ours.shape[1:])} and dtype "
+                    f"{_dtype_name(ours.dtype)}, but `{reference[0]}` has {tuple(theirs.shape[1:])} and "
+                    f"{_dtype_name(theirs.dtype)}; all files (training and validation) must hold samples of "
+                    f"the same shape and dtype"
+                )
+        inputs.append(x)
+        targets.append(y)
+    return torch.cat(inputs), torch.cat(targets)
+
+
+def _load_file(file, keys):
+    """(inputs, targets) from one file, as CPU tensors with a leading sample dimension of equal length."""
+    try:
+        tensors = _read_tensors(file, keys)
+    except UserError:
+        raise
+    except Exception as exc:  # corrupt or foreign files: every reader has its own exception types
+        raise UserError(f"cannot read `{file}`: {type(exc).__name__}: {_first_line(exc)}") from None
+    x, y = tensors
+    for key, tensor in zip(keys, tensors):
+        if tensor.ndim == 0:
+            raise UserError(f"`{key}` in `{file}` is a scalar; it needs a first dimension indexing the samples")
+    if len(x) != len(y):
+        raise UserError(
+            f"`{file}` has {len(x)} samples in `{keys[0]}` but {len(y)} in `{keys[1]}`; "
+            f"inputs and targets need the same length along the first dimension"
+        )
+    return x, y
+
+
+def _read_tensors(file, keys):
+    suffix = file.suffix.lower()
+    reader = {".npz": _read_npz, ".safetensors": _read_safetensors}.get(suffix, _read_pt)
+    return reader(file, keys)
+
+
+def _read_npz(file, keys):
+    if not zipfile.is_zipfile(file):  # np.load would try to unpickle it and suggest allow_pickle
+        raise UserError(f"cannot read `{file}`: it is not a .npz archive (corrupt, or not written by numpy.savez)")
+    with np.load(file, allow_pickle=False) as archive:
+        _check_keys(file, keys, archive.files)
+        arrays = []
+        for key in keys:
+            try:
+                arrays.append(archive[key])
+            except ValueError as exc:  # object arrays need pickle, which is refused
+                raise UserError(
+                    f"`{key}` in `{file}` cannot be read without pickle ({_first_line(exc)}); "
+                    f"save it as a numeric array"
+                ) from None
+    return tuple(_numpy_to_tensor(file, key, a) for key, a in zip(keys, arrays))
+
+
+def _read_safetensors(file, keys):
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        _check_keys(file, keys, list(handle.keys()))
+        return tuple(handle.get_tensor(key) for key in keys)
+
+
+def _read_pt(file, keys):
+    example = f"torch.save({{'{keys[0]}': x, '{keys[1]}': y}}, path)"
+    try:
+        content = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).partition("WeightsUnpickler error:")[2].strip().splitlines()
+        detail = detail[0].split(". ")[0] if detail else "not a pickle"
+        if detail.startswith("Unsupported global"):
+            raise UserError(
+                f"`{file}` holds Python objects that torch.load(weights_only=True) refuses to unpickle "
+                f"({detail}); save a plain dict of tensors instead: {example}"
+            ) from None
+        raise UserError(
+            f"cannot read `{file}` with torch.load(weights_only=True) ({detail}): it is corrupt, not written "
+            f"by torch.save, or holds objects other than tensors; save a plain dict of tensors: {example}"
+        ) from None
+    if not isinstance(content, dict):
+        raise UserError(f"`{file}` holds a {type(content).__name__}, not a dict of tensors; save it as {example}")
+    _check_keys(file, keys, [str(k) for k in content])
+    for key in keys:
+        if not isinstance(content[key], torch.Tensor):
+            raise UserError(f"`{key}` in `{file}` is a {type(content[key]).__name__}, not a tensor")
+    return content[keys[0]], content[keys[1]]
+
+
+def _check_keys(file, keys, present):
+    for field, key in zip(("input_key", "target_key"), keys):
+        if key not in present:
+            raise UserError(
+                f"`{file}` has no `{key}` tensor (keys present: {', '.join(sorted(present)) or 'none'}); "
+                f"set data.{field} to the right one"
+            )
+
+
+def _numpy_to_tensor(file, key, array):
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    except TypeError:
+        raise UserError(f"`{key}` in `{file}` has dtype {array.dtype}, which torch cannot hold; save numbers") from None
+
+
+def _split(inputs, targets, val_ratio, seed, path):
+    """A shuffled train/val split fixed by the seed; each side keeps the files' order."""
+    total = len(inputs)
+    num_val = round(total * val_ratio)
+    if num_val == 0 or num_val == total:
+        empty = "validation" if num_val == 0 else "training"
+        raise UserError(
+            f"splitting the {total} samples at `{path}` with data.val_ratio={val_ratio} leaves the {empty} "
+            f"set empty; choose a val_ratio that keeps at least one sample on each side, or set data.val_path"
+        )
+    order = torch.randperm(total, generator=seeded_generator(seed, "tensor_files/split"))
+    val_index, train_index = order[:num_val].sort().values, order[num_val:].sort().values
+    return (inputs[train_index], targets[train_index]), (inputs[val_index], targets[val_index])
+
+
+def _describe_task(inputs, targets, val_targets):
+    integer = not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
+    if integer and targets.ndim == 1:
+        labels_max = max(int(targets.max()), int(val_targets.max()) if len(val_targets) else 0)
+        return {"task": "classification", "num_classes": labels_max + 1, "data_range": None}
+    task = "reconstruction" if targets.shape[1:] == inputs.shape[1:] and targets.is_floating_point() else "regression"
+    observed = [float(targets.min()), float(targets.max())] if targets.is_floating_point() else None
+    return {"task": task, "data_range": observed}
+
+
+def _channel_stats(inputs, chunk=1024):
+    """Population mean and std per channel (dim 1 of the data, 0 of a sample) over the training inputs,
+    in float64 and in chunks so integer or large data need no full float copy."""
+    if inputs.is_complex():
+        return None
+    n = len(inputs)
+    view = inputs.reshape(n, 1, 1) if inputs.ndim == 1 else inputs.reshape(n, inputs.shape[1], -1)
+    count = n * view.shape[2]
+    starts = range(0, n, chunk)
+    mean = sum(view[i : i + chunk].double().sum(dim=(0, 2)) for i in starts) / count
+    squares = sum(((view[i : i + chunk].double() - mean.view(1, -1, 1)) ** 2).sum(dim=(0, 2)) for i in starts)
+    std = torch.sqrt(squares / count)
+    return {"mean": mean.tolist(), "std": std.tolist(), "channel_dim": 0 if inputs.ndim > 1 else None}
+
+
+def _dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no details"

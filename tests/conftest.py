@@ -1,0 +1,69 @@
+"""Shared test fixtures: the repo root and running the real command line in a subprocess."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Launcher variables from an outer `accelerate launch`/torchrun would turn a test run into a rank of someone
+# else's job; ACCELERATE_USE_CPU=1 makes "this run has no GPU" true on every machine, so CPU-only
+# expectations (fp16 refused, precision `no`, device cpu) hold on a GPU box too.
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def cli_env():
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env["ACCELERATE_USE_CPU"] = "1"
+    return env
+
+
+def _run_command(argv, timeout=120, cwd=REPO_ROOT):
+    """Run `argv` as a user would; (returncode, stdout, stderr). A hang fails the test instead of blocking it."""
+    try:
+        proc = subprocess.run(
+            [str(a) for a in argv], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"`{' '.join(map(str, argv))}` did not finish in {timeout} s\nstderr: {exc.stderr}")
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _run_train(*args, timeout=120):
+    """`python train.py ARGS` from the repo root."""
+    return _run_command([sys.executable, "train.py", *args], timeout=timeout)
+
+
+def console_script(name="cr-accel"):
+    """The installed console script: next to this interpreter (the venv), else on PATH."""
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    assert found, f"console script `{name}` is not installed; run `pip install -e .` in the venv"
+    return found
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def run_command():
+    """run_command(argv, timeout=120) -> (returncode, stdout, stderr), cwd = repo root."""
+    return _run_command
+
+
+@pytest.fixture(scope="session")
+def run_train():
+    """run_train(*args, timeout=120) -> (returncode, stdout, stderr) of `python train.py ARGS`."""
+    return _run_train
+
+
+@pytest.fixture(scope="session")
+def cr_accel_script():
+    """Path of the installed `cr-accel` console script."""
+    return console_script()

@@ -1,0 +1,27 @@
+"""The README's config reference lists every key the config accepts, under its own section."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+from cr_accel.config import Config
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def section_text(name):
+    match = re.search(rf"^### `{name}`\n(.*?)(?=^### |^## )", README, re.S | re.M)
+    assert match, f"README has no '### `{name}`' section"
+    return match.group(1)
+
+
+def test_readme_documents_every_config_key():
+    missing = []
+    for f in dataclasses.fields(Config):
+        text = section_text(f.name)
+        if f.default_factory is dataclasses.MISSING:
+            continue  # a plain value such as `seed`: the section itself documents it
+        for key in (g.name for g in dataclasses.fields(f.default_factory) if g.name != "kwargs"):
+            if f"| `{key}` |" not in text:
+                missing.append(f"{f.name}.{key}")
+    assert not missing, f"undocumented config keys: {missing}"

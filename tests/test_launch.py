@@ -1,0 +1,289 @@
+"""Tests of launch.sh and accelerate_configs/.
+
+Most tests use `launch.sh --dry-run` (it prints the exact command, one line) and set
+CR_ACCEL_NUM_GPUS to fix what GPU detection sees, so they are fast and do not depend on the
+machine. `test_gpu_detection_*` runs the real detection, and `test_real_two_process_cpu_run`
+really starts 2 gloo processes through accelerate launch (about 5-10 s on 2 cores).
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch.sh"
+CONFIGS = ROOT / "accelerate_configs"
+CONFIG_NAMES = ["cpu", "deepspeed", "fsdp", "multi_gpu", "multi_node", "single_gpu"]
+
+
+# Set by an outer launcher, these would make the test's processes join someone else's job.
+OUTER_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch(*args, gpus=0, extra_env=None, timeout=60):
+    """Run launch.sh with `args`. gpus=None lets it detect GPUs itself."""
+    env = {k: v for k, v in os.environ.items() if k not in OUTER_LAUNCHER_VARS and k != "CR_ACCEL_NUM_GPUS"}
+    env.update(PYTHON=sys.executable, **(extra_env or {}))
+    if gpus is not None:
+        env["CR_ACCEL_NUM_GPUS"] = str(gpus)
+    return subprocess.run(
+        [str(LAUNCH), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+    )
+
+
+def dry_run(*args, gpus=0):
+    """The command launch.sh would run, split into words the way bash would."""
+    result = launch("--dry-run", *args, gpus=gpus)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1, f"not one line: {result.stdout!r}"
+    return shlex.split(result.stdout)
+
+
+def value_after(words, flag):
+    assert flag in words, f"{flag} missing from {words}"
+    return words[words.index(flag) + 1]
+
+
+def test_launch_sh_is_executable_and_has_help():
+    assert os.access(LAUNCH, os.X_OK)
+    result = launch("--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: ./launch.sh")
+    for name in CONFIG_NAMES:
+        assert name in result.stdout
+
+
+def test_cpu_two_processes_uses_the_multi_cpu_recipe():
+    words = dry_run("--num-processes", "2", "--config", "c.yaml")
+    assert words[:2] == ["env", "ACCELERATE_USE_CPU=1"]
+    assert words[2:5] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert value_after(words, "--config_file") == str(CONFIGS / "cpu.yaml")
+    assert "--multi_gpu" in words
+    assert "--cpu" not in words  # `--cpu --num_processes 2` silently starts one process
+    assert value_after(words, "--num_processes") == "2"
+    assert value_after(words, "--num_machines") == "1"
+
+
+def test_cpu_without_num_processes_is_a_plain_single_process_launch():
+    words = dry_run("--config", "c.yaml")
+    assert words[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert value_after(words, "--config_file") == str(CONFIGS / "cpu.yaml")
+    assert not {"env", "ACCELERATE_USE_CPU=1", "--multi_gpu", "--num_processes"} & set(words)
+    assert words[-3:] == [str(ROOT / "train.py"), "--config", "c.yaml"]
+
+
+def test_gpu_detection_picks_the_config_for_this_machine():
+    import torch
+
+    expected = {0: "cpu", 1: "single_gpu"}.get(torch.cuda.device_count(), "multi_gpu")
+    words = dry_run("--config", "c.yaml", gpus=None)
+    # A mismatch on a GPU machine means nvidia-smi and torch disagree (e.g. a CPU-only torch build).
+    assert value_after(words, "--config_file") == str(CONFIGS / f"{expected}.yaml")
+
+
+@pytest.mark.parametrize(
+    "gpus, options, config, num_processes",
+    [
+        (1, [], "single_gpu", None),
+        (4, [], "multi_gpu", "4"),
+        (4, ["--num-processes", "2"], "multi_gpu", "2"),
+        (1, ["--num-processes", "2"], "multi_gpu", "2"),
+        (8, ["--accelerate-config", "fsdp"], "fsdp", "8"),
+        (8, ["--accelerate-config=deepspeed", "--num-processes=4"], "deepspeed", "4"),
+    ],
+)
+def test_gpu_machines_get_the_matching_config_and_process_count(gpus, options, config, num_processes):
+    words = dry_run(*options, "--config", "c.yaml", gpus=gpus)
+    assert words[0] == sys.executable  # no ACCELERATE_USE_CPU on GPU configs
+    assert value_after(words, "--config_file") == str(CONFIGS / f"{config}.yaml")
+    if num_processes is None:
+        assert "--num_processes" not in words
+    else:
+        assert value_after(words, "--num_processes") == num_processes
+
+
+def test_config_given_as_a_path(tmp_path):
+    config = tmp_path / "my accel.yaml"
+    config.write_text((CONFIGS / "cpu.yaml").read_text())
+    words = dry_run("--accelerate-config", config, "--num-processes", "3")
+    assert value_after(words, "--config_file") == str(config)
+    assert words[:2] == ["env", "ACCELERATE_USE_CPU=1"]  # use_cpu: true in the file
+    assert value_after(words, "--num_processes") == "3"
+
+
+TRICKY_ARGS = [
+    "--config",
+    "configs/my run.yaml",
+    "training.name=hello world",
+    "model.kwargs=a=b=c",
+    "it's",
+    'say "hi"',
+    "$HOME",
+    "*",
+    "--overwrite",
+    "--dry-run",  # after the first train.py argument, launcher options are not parsed
+]
+
+
+def test_arguments_after_the_launcher_options_reach_train_py_unchanged():
+    words = dry_run("--num-processes", "2", *TRICKY_ARGS)
+    assert words[-len(TRICKY_ARGS) - 1 :] == [str(ROOT / "train.py"), *TRICKY_ARGS]
+
+
+def test_double_dash_ends_the_launcher_options():
+    words = dry_run("--", "--num-processes", "abc", "--accelerate-config", "nope")
+    assert words[-5:] == [str(ROOT / "train.py"), "--num-processes", "abc", "--accelerate-config", "nope"]
+    assert "--multi_gpu" not in words
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--num-processes", "abc"],
+        ["--num-processes", "0"],
+        ["--num-processes", "-1"],
+        ["--num-processes=2.5"],
+        ["--num-processes="],
+        ["--num-processes"],
+    ],
+)
+def test_bad_num_processes_exits_2_with_a_one_line_message(options):
+    result = launch(*options, "--dry-run", "--config", "c.yaml")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert "--num-processes" in result.stderr
+    assert "available accelerate configs: " + ", ".join(CONFIG_NAMES) in result.stderr
+
+
+@pytest.mark.parametrize("name", ["nope", "cpu.yml", "/does/not/exist.yaml", ""])
+def test_unknown_accelerate_config_exits_2_and_lists_the_configs(name):
+    result = launch("--accelerate-config", name, "--dry-run")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert f"unknown accelerate config '{name}'" in result.stderr
+    assert "available accelerate configs: " + ", ".join(CONFIG_NAMES) in result.stderr
+
+
+@pytest.mark.parametrize("name", ["multi_gpu", "fsdp", "deepspeed"])
+def test_gpu_configs_are_refused_without_gpus(name):
+    # accelerate would otherwise start N independent one-process runs without a word.
+    result = launch("--accelerate-config", name, "--dry-run", gpus=0)
+    assert result.returncode == 2
+    assert "needs CUDA GPUs" in result.stderr
+
+
+def test_multi_node_by_name_is_refused_but_a_filled_in_copy_works(tmp_path):
+    # The shipped file has no main_process_ip: accelerate would hang retrying "(None, 29500)".
+    result = launch("--accelerate-config", "multi_node", "--num-processes", "16", "--dry-run", gpus=8)
+    assert result.returncode == 2
+    assert "docs/slurm.md" in result.stderr
+    copy = tmp_path / "node1.yaml"
+    text = (CONFIGS / "multi_node.yaml").read_text()
+    copy.write_text(text.replace("machine_rank: 0", "machine_rank: 1\nmain_process_ip: 10.0.0.1"))
+    words = dry_run("--accelerate-config", copy, "--num-processes", "16", gpus=8)
+    assert value_after(words, "--config_file") == str(copy)
+    assert value_after(words, "--num_processes") == "16"
+
+
+def test_single_gpu_refuses_several_processes():
+    result = launch("--accelerate-config", "single_gpu", "--num-processes", "2", "--dry-run", gpus=1)
+    assert result.returncode == 2
+    assert "multi_gpu" in result.stderr
+
+
+def test_missing_training_script_exits_2(tmp_path):
+    missing = tmp_path / "nope.py"
+    result = launch("--accelerate-config", "cpu", extra_env={"CR_ACCEL_TRAIN_SCRIPT": str(missing)})
+    assert result.returncode == 2
+    assert str(missing) in result.stderr
+
+
+def test_every_accelerate_config_is_valid_for_accelerate_launch():
+    """Every file parses (unknown keys raise) and passes `accelerate launch`'s own checks."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == CONFIG_NAMES
+    expected = {
+        "cpu": (False, False, False),
+        "single_gpu": (False, False, False),
+        "multi_gpu": (True, False, False),
+        "multi_node": (True, False, False),
+        "fsdp": (False, True, False),
+        "deepspeed": (False, False, True),
+    }
+    for name in CONFIG_NAMES:
+        path = str(CONFIGS / f"{name}.yaml")
+        config = load_config_from_file(path)
+        # 'no' (quoted): the trainer's Accelerator(mixed_precision=...) decides precision.
+        assert config.mixed_precision == "no", name
+        cli = ["--config_file", path, "--num_processes", "2", "--main_process_ip", "10.0.0.1", "train.py"]
+        if config.num_processes != -1:
+            cli = ["--config_file", path, "train.py"]
+        args, _, _ = _validate_launch_command(launch_command_parser().parse_args(cli))
+        assert (args.multi_gpu, args.use_fsdp, args.use_deepspeed) == expected[name], name
+        assert args.mixed_precision == "no", name
+
+
+FAKE_TRAIN = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    value = torch.tensor([float(accelerator.process_index + 1)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value)  # a real collective: sum over all ranks
+    out = Path(sys.argv[1])
+    (out / f"rank{accelerator.process_index}.json").write_text(json.dumps({
+        "rank": accelerator.process_index,
+        "world_size": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "reduced_sum": value.item(),
+        "argv": sys.argv[2:],
+    }))
+    accelerator.end_training()
+    """
+)
+
+
+def test_real_two_process_cpu_run(tmp_path):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    out = tmp_path / "out dir"
+    out.mkdir()
+    passthrough = ["training.name=hello world", "a=b=c", "--overwrite"]
+    result = launch(
+        "--accelerate-config", "cpu", "--num-processes", "2", out, *passthrough,
+        gpus=None, extra_env={"CR_ACCEL_TRAIN_SCRIPT": str(script)}, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    assert len(reports) == 2, result.stderr[-3000:]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for report in reports:
+        assert report["world_size"] == 2
+        assert report["distributed_type"] == "MULTI_CPU"
+        assert report["reduced_sum"] == 3.0
+        assert report["argv"] == passthrough
+
+
+def test_slurm_example_is_valid_bash_and_matches_the_docs():
+    script = ROOT / "scripts" / "slurm_example.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "#SBATCH --signal=B:USR1@120" in text
+    assert "--resume_from_checkpoint latest" in text
+    assert f"```bash\n{text}```" in (ROOT / "docs" / "slurm.md").read_text()
