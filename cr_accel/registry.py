@@ -80,7 +80,7 @@ def check_kwargs(builder, kwargs, injected=()):
     problems = []
     for key in kwargs:
         if key in injected:
-            problems.append((key, f"is set by the trainer and cannot be given here"))
+            problems.append((key, "is set by the trainer and cannot be given here"))
         elif key not in accepted and not takes_any:
             close = difflib.get_close_matches(key, configurable, n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
