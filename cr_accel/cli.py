@@ -11,8 +11,8 @@ from .errors import UserError
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
 
-# Files a run writes into output.dir besides the log and the CSV (whose names are configurable).
-RUN_FILES = ("config.yaml", "environment.json")
+# What a run writes into output.dir besides the log and the CSV (whose names are configurable).
+RUN_FILES = ("config.yaml", "environment.json", "checkpoints")
 
 
 def train_parser(prog="train.py"):
@@ -22,6 +22,8 @@ def train_parser(prog="train.py"):
         epilog="example: %(prog)s --config configs/default.yaml training.epochs=5 optimizer.lr=3e-4",
     )
     p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", metavar="PATH|latest",
+                   help="continue from a checkpoint folder, or the newest complete one in output.dir")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output.dir")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p
@@ -31,16 +33,22 @@ def run_training(args):
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    _claim_output_dir(cfg, args.overwrite)
+    resume = args.resume_from_checkpoint
+    if resume is not None and resume != "latest" and not Path(resume).is_dir():
+        raise UserError(f"--resume_from_checkpoint `{resume}` is not a folder; give a checkpoint folder "
+                        f"(e.g. {Path(cfg.output.dir) / 'checkpoints' / 'last'}) or `latest`")
+    if resume is None:
+        _claim_output_dir(cfg, args.overwrite)
+    from .preemption import PREEMPTED_EXIT_CODE
     from .step_stats import NonFiniteLossError
     from .trainer import Trainer
 
     try:
-        Trainer(cfg).train()
+        status = Trainer(cfg).train(resume_from_checkpoint=resume)
     except NonFiniteLossError as exc:
         _error(f"training stopped: {exc}")
         return EXIT_TRAINING_FAILED
-    return 0
+    return PREEMPTED_EXIT_CODE if status == "preempted" else 0
 
 
 def _claim_output_dir(cfg, overwrite):
@@ -55,7 +63,8 @@ def _claim_output_dir(cfg, overwrite):
     if not overwrite:
         raise UserError(
             f"output.dir `{out}` already holds a run ({', '.join(p.name for p in existing)}); "
-            "pass --overwrite to replace it, or choose another output.dir (e.g. output.dir=runs/new)"
+            "pass --resume_from_checkpoint latest to continue it, --overwrite to replace it, "
+            "or choose another output.dir (e.g. output.dir=runs/new)"
         )
     if _is_main_process():
         for path in existing:

@@ -55,6 +55,23 @@ class MetricsCSV:
                 writer.writeheader()
             writer.writerow({k: _cell(v) for k, v in row.items()})
 
+    def keep_epochs(self, epochs_done):
+        """Drop rows of epochs after `epochs_done` (they are about to be re-run after a resume); the dropped
+        rows are appended to `<file>.superseded`, so nothing written is lost."""
+        if not self.enabled or not self.path.exists():
+            return
+        rows, columns = self._read()
+        keep = [r for r in rows if int(r["epoch"]) <= epochs_done]
+        if len(keep) == len(rows):
+            return
+        superseded = self.path.with_name(self.path.name + ".superseded")
+        with open(superseded, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            if superseded.stat().st_size == 0:
+                writer.writeheader()
+            writer.writerows(r for r in rows if int(r["epoch"]) > epochs_done)
+        self._write(keep, columns)
+
     def _read(self):
         if not self.path.exists() or self.path.stat().st_size == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)

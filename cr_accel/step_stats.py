@@ -3,6 +3,9 @@
 Reading a loss with `.item()` every step would make the host wait for the device every step. Instead
 the detached tensors are kept in lists and stacked once per interval; with several processes the
 processes agree on non-finite losses at the same points, so all of them stop together.
+
+Epoch means are exact sums (math.fsum) of the per-micro-batch values, so they do not depend on where the
+intervals fell: a run resumed mid-epoch logs the same train_loss as the uninterrupted one.
 """
 
 import math
@@ -22,10 +25,8 @@ class StepStats:
         self.reset_epoch()
 
     def reset_epoch(self):
-        self.loss_sum = 0.0
-        self.loss_count = 0
-        self.norm_sum = 0.0
-        self.norm_count = 0
+        self.losses = []  # finite micro-batch losses of this epoch, on the host
+        self.norms = []  # finite pre-clip gradient norms of this epoch's optimizer steps
         self.skipped_steps = 0
         self.samples = 0
         self.last_loss = math.nan
@@ -42,10 +43,9 @@ class StepStats:
         """Bring the pending values to the host (one sync); raise NonFiniteLossError on any process's NaN."""
         if not self._losses:
             return
-        losses = torch.stack(self._losses).float().cpu()
-        norms = torch.stack(self._norms).float().cpu() if self._norms else torch.empty(0)
-        finite = torch.isfinite(losses)
-        first_bad = self._loss_steps[int((~finite).nonzero()[0])] if not finite.all() else -1
+        losses = torch.stack(self._losses).float().cpu().tolist()
+        norms = torch.stack(self._norms).float().cpu().tolist() if self._norms else []
+        first_bad = next((s for v, s in zip(losses, self._loss_steps) if not math.isfinite(v)), -1)
         if not self.allow_nonfinite:
             first_bad = self._first_bad_on_any_process(first_bad)
             if first_bad >= 0:
@@ -55,12 +55,11 @@ class StepStats:
                     "set training.grad_clip, check the data for NaN/inf, or set training.skip_nonfinite: true "
                     "to skip such steps"
                 )
-        self.loss_sum += float(losses[finite].sum())
-        self.loss_count += int(finite.sum())
-        finite_norms = norms[torch.isfinite(norms)]
-        self.norm_sum += float(finite_norms.sum())
-        self.norm_count += len(finite_norms)
-        self.last_loss = float(losses[finite][-1]) if finite.any() else math.nan
+        finite = [v for v in losses if math.isfinite(v)]
+        self.losses += finite
+        self.norms += [v for v in norms if math.isfinite(v)]
+        if finite:
+            self.last_loss = finite[-1]
         self._losses, self._loss_steps, self._norms = [], [], []
 
     def _first_bad_on_any_process(self, first_bad):
@@ -74,15 +73,27 @@ class StepStats:
         """Epoch means over all processes: train loss per micro-batch, pre-clip gradient norm per step."""
         self.flush()
         acc = self.accelerator
-        local = torch.tensor([self.loss_sum, self.loss_count, self.samples, self.skipped_steps],
+        local = torch.tensor([math.fsum(self.losses), len(self.losses), self.samples, self.skipped_steps],
                              dtype=torch.float64, device=acc.device)
         total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
         loss_sum, loss_count, samples, skipped = total.tolist()
         # Gradients are all-reduced before clipping, so every process saw the same norms.
-        grad_norm = self.norm_sum / self.norm_count if self.norm_count else math.nan
         return {
             "train_loss": loss_sum / loss_count if loss_count else math.nan,
-            "grad_norm": grad_norm,
+            "grad_norm": math.fsum(self.norms) / len(self.norms) if self.norms else math.nan,
             "samples": int(samples),
             "skipped_steps": int(skipped),
         }
+
+    def state_dict(self):
+        """The unfinished epoch's values (JSON), so a mid-epoch resume logs the same epoch means."""
+        self.flush()
+        return {"losses": self.losses, "norms": self.norms, "skipped_steps": self.skipped_steps,
+                "samples": self.samples}
+
+    def load_state_dict(self, state):
+        self.reset_epoch()
+        self.losses = [float(v) for v in state["losses"]]
+        self.norms = [float(v) for v in state["norms"]]
+        self.skipped_steps = int(state["skipped_steps"])
+        self.samples = int(state["samples"])

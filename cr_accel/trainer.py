@@ -15,10 +15,11 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from . import components
+from . import checkpoint, components
 from .callbacks import CallbackList, Event
 from .environment import describe_environment, make_accelerator
 from .models import count_parameters
+from .preemption import Preemption
 from .progress import Progress
 from .run_log import MetricsCSV, TextLog
 from .step_stats import StepStats
@@ -61,7 +62,8 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_grad_norm = t.grad_clip if t.grad_clip is not None else math.inf
 
-        self.epoch = 0  # next epoch to run
+        self.epoch = 0  # the epoch running, or the next one to run (0-based)
+        self.batch_in_epoch = 0  # micro-batches of `epoch` already trained on
         self.global_step = 0  # optimizer steps done
         self.best_value = None
         self.bad_validations = 0  # consecutive validations without improvement (early stopping)
@@ -74,6 +76,10 @@ class Trainer:
         self.csv = MetricsCSV(self.output_dir / cfg.output.metrics_file, enabled=main)
         self.progress = Progress(enabled=acc.is_local_main_process)
         self.stats = StepStats(acc, allow_nonfinite=t.skip_nonfinite)
+        self.checkpoints = checkpoint.Checkpoints(acc, self.output_dir / "checkpoints", cfg.checkpoint.keep_last_n)
+        self.preemption = Preemption(acc)
+        self._resumed_mid_epoch = False
+        self.preemption_agreed = False
 
     def add_callback(self, cb):
         return self.callbacks.add(cb)
@@ -109,27 +115,41 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
 
-    def train(self):
+    def train(self, resume_from_checkpoint=None):
+        """Run to the end (or a stop); returns the status: finished, stopped_early or preempted.
+
+        `resume_from_checkpoint`: a checkpoint folder, or "latest" for the newest complete one in
+        output.dir (a fresh start when there is none yet, so a requeued job can always pass it).
+        """
+        self.checkpoints.recover()
+        if resume_from_checkpoint is not None:
+            self._resume(resume_from_checkpoint)
         self._write_run_files()
         self.callbacks.fire(Event.ON_TRAIN_START, self)
+        self.preemption.install()
         status = "failed"
         try:
             while self.epoch < self.cfg.training.epochs and not self.should_stop:
                 self._run_epoch()
             status = self.stop_reason or "finished"
         finally:
+            self.preemption.uninstall()
             self._finish(status)
         return status
 
     def _run_epoch(self):
         epoch, t = self.epoch, self.cfg.training
         started = time.perf_counter()
-        metrics = {"epoch": epoch + 1, **self.train_one_epoch(epoch)}
+        train_metrics = self.train_one_epoch(epoch)
+        if self.preemption_agreed:
+            self._stop_for_preemption()
+            return None
+        metrics = {"epoch": epoch + 1, **train_metrics}
         last_epoch = epoch + 1 == t.epochs or self.global_step >= self.total_steps
+        improved = False
         if (epoch + 1) % t.eval_every == 0 or last_epoch:
-            val_metrics = self.validate()
-            metrics.update(val_metrics)
-            self._update_best(metrics)
+            metrics.update(self.validate())
+            improved = self._update_best(metrics)
             self.callbacks.fire(Event.ON_VALIDATION_END, self, metrics)
         metrics["step"] = self.global_step
         metrics["best_val"] = self.best_value if self.best_value is not None else math.nan
@@ -141,11 +161,12 @@ class Trainer:
             peak = torch.tensor(torch.cuda.max_memory_allocated(self.accelerator.device) / 2**20,
                                 device=self.accelerator.device)
             metrics["peak_mem_mb"] = float(self.accelerator.gather(peak).max())
-        self.epoch = epoch + 1
+        self.epoch, self.batch_in_epoch = epoch + 1, 0
         if self.global_step >= self.total_steps:
             self.should_stop, self.stop_reason = True, self.stop_reason or "finished"
         self._log_epoch(metrics)
         self.callbacks.fire(Event.ON_EPOCH_END, self, metrics)
+        self._save_epoch_checkpoints(improved, finishing=self.should_stop or self.epoch == t.epochs)
         return metrics
 
     def train_one_epoch(self, epoch):
@@ -153,12 +174,22 @@ class Trainer:
         acc, t = self.accelerator, self.cfg.training
         self.model.train()
         self.train_loader.set_epoch(epoch)  # every epoch, also after a restart: the shuffle follows it
-        self.stats.reset_epoch()
+        loader = self.train_loader
+        if self._resumed_mid_epoch:
+            # The batch sampler skips the consumed batches' indices: their data is never loaded.
+            loader = acc.skip_first_batches(self.train_loader, self.batch_in_epoch)
+            self._resumed_mid_epoch = False
+        else:
+            self.stats.reset_epoch()
+            self.batch_in_epoch = 0
         bar = self.progress.epoch_bar(epoch, t.epochs, len(self.train_loader))
+        if bar is not None:
+            bar.update(self.batch_in_epoch)
         accumulate = t.gradient_accumulation_steps > 1 or not self.plain_step
         step_listeners = self.callbacks.has(Event.ON_STEP_END)
-        samples = 0
-        for inputs, targets in self.train_loader:
+        save_every_steps = self.cfg.checkpoint.save_every_steps
+        self.preemption_agreed = False
+        for inputs, targets in loader:
             if accumulate:
                 with acc.accumulate(self.model):
                     loss = self._forward_backward(inputs, targets)
@@ -166,7 +197,8 @@ class Trainer:
             else:
                 loss = self._forward_backward(inputs, targets)
                 synced = True
-            samples += len(inputs)
+            self.batch_in_epoch += 1
+            self.stats.samples += len(inputs)
             if bar is not None:
                 bar.update()
             if not synced:
@@ -176,10 +208,16 @@ class Trainer:
                 self.callbacks.fire(Event.ON_STEP_END, self, self.global_step, loss)
             if self.global_step % t.log_every == 0:
                 self._report_progress(epoch)
+            if save_every_steps and self.global_step % save_every_steps == 0:
+                self.save_checkpoint(["periodic"])
+            if self.preemption.agreed():
+                self.preemption_agreed = True
+                break
             if self.global_step >= self.total_steps or self.should_stop:
                 break
-        self.stats.samples = samples
         self.progress.close()
+        if self.preemption_agreed:
+            return None
         return self.stats.epoch_totals()
 
     def _forward_backward(self, inputs, targets):
@@ -241,7 +279,7 @@ class Trainer:
         c, t = self.cfg.checkpoint, self.cfg.training
         value = metrics.get(c.monitor)
         if value is None or math.isnan(value):
-            return
+            return False
         delta = t.early_stopping_min_delta
         improved = self.best_value is None or (
             value < self.best_value - delta if c.mode == "min" else value > self.best_value + delta
@@ -249,13 +287,100 @@ class Trainer:
         if improved:
             self.best_value = value
             self.bad_validations = 0
-            return
+            return True
         self.bad_validations += 1
         patience = t.early_stopping_patience
         if patience is not None and self.bad_validations >= patience:
             self.should_stop, self.stop_reason = True, "stopped_early"
             self.log.info(f"early stopping: {c.monitor} has not improved for {patience} validations "
                           f"(best {self.best_value:.6g})")
+        return False
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self):
+        """Everything besides accelerate's files that a resume needs, as JSON (never a pickle)."""
+        from . import __version__
+        from accelerate.utils import gather_object
+
+        mid_epoch = self.batch_in_epoch > 0
+        # Every process's unfinished-epoch values, so each one continues its own exact epoch means.
+        epoch_stats = gather_object([self.stats.state_dict()]) if mid_epoch else None
+        return {
+            "format": checkpoint.FORMAT,
+            "cr_accel_version": __version__,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "global_step": self.global_step,
+            "epochs_done": self.epoch,
+            "world_size": self.accelerator.num_processes,
+            "schedule": self.schedule.state_dict(),
+            "best_value": self.best_value,
+            "bad_validations": self.bad_validations,
+            "callbacks": self.callbacks.state_dict(),
+            "epoch_stats": epoch_stats,
+            "dataset": self.data.metadata,
+        }
+
+    def save_checkpoint(self, targets):
+        """Save the full state at this optimizer-step boundary into `targets` (periodic, last, best)."""
+        started = time.perf_counter()
+        paths = self.checkpoints.save(self.state_dict(), self.cfg.to_dict(), targets)
+        self.log.info(f"checkpoint at step {self.global_step} -> {', '.join(p.name for p in paths)} "
+                      f"({time.perf_counter() - started:.2f} s)", console=False)
+        for path in paths:
+            self.callbacks.fire(Event.ON_CHECKPOINT, self, path)
+        return paths
+
+    def _save_epoch_checkpoints(self, improved, finishing):
+        c = self.cfg.checkpoint
+        targets = ["best"] if improved else []
+        if self.epoch % c.save_every == 0:
+            targets += ["periodic", "last"]
+        elif finishing:
+            targets.append("last")
+        if targets:
+            self.save_checkpoint(targets)
+
+    def _stop_for_preemption(self):
+        self.log.info(f"{self.preemption.signal_name or 'signal'} received: saving a checkpoint at step "
+                      f"{self.global_step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch}) and stopping")
+        self.save_checkpoint(["last"])
+        self.should_stop, self.stop_reason = True, "preempted"
+
+    def _resume(self, where):
+        acc = self.accelerator
+        if where == "latest":
+            path = self.checkpoints.latest()
+            if path is None:
+                self.log.info(f"no complete checkpoint in {self.checkpoints.root}: starting from scratch")
+                self.csv.keep_epochs(0)
+                return
+        else:
+            path = Path(where)
+        checkpoint.verify(path)
+        state = checkpoint.read_state(path)
+        if state["world_size"] != acc.num_processes:
+            raise checkpoint.CheckpointError(
+                f"checkpoint `{path}` was written by {state['world_size']} process(es) and this run has "
+                f"{acc.num_processes}: the data position and schedule would not line up. Resume with "
+                f"{state['world_size']} process(es) (e.g. ./launch.sh --num-processes {state['world_size']})")
+        checkpoint.check_model_matches(path, acc.unwrap_model(self.model))
+        acc.load_state(str(path))
+        checkpoint.check_rng_restored(path, acc)
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.global_step = state["global_step"]
+        self.schedule.load_state_dict(state["schedule"])
+        self.best_value, self.bad_validations = state["best_value"], state["bad_validations"]
+        self.callbacks.load_state_dict(state["callbacks"])
+        if self.batch_in_epoch > 0:
+            self.stats.load_state_dict(state["epoch_stats"][acc.process_index])
+            self._resumed_mid_epoch = True
+        self.csv.keep_epochs(self.epoch)  # rows logged after the checkpoint are re-run now
+        self.log.info(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
+                      f"step {self.global_step}")
+
+    # ---------------------------------------------------------------- logging
 
     def _log_epoch(self, metrics):
         m = metrics
