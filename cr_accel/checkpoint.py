@@ -285,3 +285,28 @@ def _fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def load_model(run_dir_or_checkpoint, device="cpu"):
+    """The trained model, ready for inference, from a run folder (its best checkpoint, else its last) or a
+    checkpoint folder: no trainer, optimizer or data needed.
+
+        model = cr_accel.load_model("runs/default")
+    """
+    from safetensors.torch import load_file
+
+    from .components import build_model
+    from .config import config_from_dict
+
+    path = Path(run_dir_or_checkpoint)
+    if (path / "checkpoints").is_dir():
+        found = [path / "checkpoints" / n for n in ("best", "last") if is_complete(path / "checkpoints" / n)]
+        if not found:
+            raise CheckpointError(f"run `{path}` has no complete best/ or last/ checkpoint yet")
+        path = found[0]
+    verify(path)
+    cfg = config_from_dict(yaml.safe_load((path / CONFIG).read_text()), check_components=False)
+    model = build_model(cfg)
+    check_model_matches(path, model)
+    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    return model.to(device).eval()

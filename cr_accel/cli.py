@@ -81,7 +81,7 @@ def _error(message):
 
 
 def main_train(argv=None, prog="train.py"):
-    args = train_parser(prog).parse_args(argv)
+    args = train_parser(prog).parse_intermixed_args(argv)  # overrides may come between options
     try:
         return run_training(args)
     except UserError as exc:

@@ -2,11 +2,6 @@
 
 import csv
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,30 +10,7 @@ from safetensors.torch import load_file
 
 from cr_accel import components
 from cr_accel.config import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
-PROBE = ROOT / "tests" / "probe_train.py"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_2_cpu_processes(script, *args, timeout=300):
-    """The CPU recipe from ACCELERATE_NOTES: --cpu would start one process; this starts a gloo pair."""
-    accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(script), *args]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def run_1_process(script, *args, timeout=300):
-    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+from tests.runners import PROBE, ROOT, launch_2_cpu_processes, run_1_process
 
 
 @pytest.fixture

@@ -1,0 +1,350 @@
+"""`cr-accel dashboard`: a small HTTP server (standard library only) that stores runs and shows them live.
+
+    cr-accel dashboard --db runs.sqlite            # then open http://127.0.0.1:8765
+    server = make_server("127.0.0.1", 0, "runs.sqlite", token="s3cret")   # in tests: any free port
+    threading.Thread(target=server.serve_forever, daemon=True).start(); ...; server.shutdown()
+
+API (JSON in and out; message fields in schema.py):
+    GET  /                              the page
+    GET  /api/runs                      every run, newest first, with its last epoch's metrics
+    GET  /api/runs/<id>                 one run with its config
+    GET  /api/runs/<id>/epochs[?after=N]  its epochs (after epoch N)
+    GET  /api/runs/<id>/samples.png     the latest sample picture
+    POST /api/runs                      start a run          (token required when the server has one)
+    POST /api/runs/<id>/epochs          one epoch's metrics  (token required when the server has one)
+    POST /api/runs/<id>/end             how it ended         (token required when the server has one)
+
+Writes need `Authorization: Bearer <token>` when --token is set; reads stay open, so the page needs no
+login: the server listens on 127.0.0.1 unless told otherwise, and what it shows is training curves.
+Writes also need `Content-Type: application/json`, which a web page from another site cannot send
+without the browser asking first (and this server never says yes), so a page cannot post fake runs.
+Bad input is answered with a 4xx and {"ok": false, "error": "..."}; the server keeps serving.
+"""
+
+import argparse
+import hmac
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from urllib.parse import parse_qs, urlsplit
+
+from . import schema
+from .store import RunStore, StoreError
+
+logger = logging.getLogger("cr_accel.dashboard.server")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+TOKEN_ENV = "CR_ACCEL_DASHBOARD_TOKEN"
+_RUN = rf"/api/runs/(?P<run_id>{schema.RUN_ID_PATTERN})"
+# (path pattern, {method: handler name}); a path that matches none is a 404, a method not listed a 405.
+_ROUTES = [
+    (re.compile(r"/"), {"GET": "page"}),
+    (re.compile(r"/index\.html"), {"GET": "page"}),
+    (re.compile(r"/api/runs"), {"GET": "list_runs", "POST": "start_run"}),
+    (re.compile(_RUN), {"GET": "get_run"}),
+    (re.compile(_RUN + r"/epochs"), {"GET": "get_epochs", "POST": "add_epoch"}),
+    (re.compile(_RUN + r"/end"), {"POST": "end_run"}),
+    (re.compile(_RUN + r"/samples\.png"), {"GET": "get_samples"}),
+]
+
+
+class HTTPError(Exception):
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.headers = HTTPStatus(status), message, headers or {}
+
+
+class DashboardServer(ThreadingHTTPServer):
+    """The HTTP server with its store and settings; `url` is where it listens."""
+
+    daemon_threads = True  # a hanging client never keeps the process alive
+    allow_reuse_address = True
+
+    def __init__(self, address, store, token=None, verbose=False, max_body=schema.MAX_BODY_BYTES):
+        self.store, self.token, self.verbose, self.max_body = store, token or None, verbose, max_body
+        super().__init__(address, Handler)
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def handle_error(self, request, client_address):
+        # A client that disconnects mid-answer is not worth a traceback on the console.
+        if self.verbose:
+            super().handle_error(request, client_address)
+
+    def server_close(self):
+        super().server_close()
+        self.store.close()
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "cr_accel-dashboard"
+    timeout = 30  # seconds a client may take to send its request: a stalled one frees its thread
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def do_PATCH(self):
+        self._dispatch("PATCH")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
+
+    def do_OPTIONS(self):
+        self._dispatch("OPTIONS")
+
+    def log_message(self, format, *args):
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _dispatch(self, method):
+        try:
+            url = urlsplit(self.path)
+            handler, params = self._route(method, url.path)
+            if method == "POST":
+                self._check_token()
+                body = self._read_json()
+                handler(body, **params)
+            else:
+                handler(_query(url.query), **params)
+        except HTTPError as exc:
+            self._send_json({"ok": False, "error": exc.message}, exc.status, exc.headers)
+        except Exception:  # a bug, not bad input: say so without killing the server
+            logger.error("dashboard: error answering %s %s\n%s", method, self.path, traceback.format_exc())
+            self._send_json({"ok": False, "error": "internal server error (see the server's log)"},
+                            HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def _route(self, method, path):
+        for pattern, methods in _ROUTES:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            if method not in methods:
+                allowed = ", ".join(methods)
+                raise HTTPError(405, f"{method} is not allowed on {path}; allowed: {allowed}", {"Allow": allowed})
+            return getattr(self, "_" + methods[method]), match.groupdict()
+        raise HTTPError(404, f"no such path: {path} (the API is under /api/runs)")
+
+    def _check_token(self):
+        token = self.server.token
+        if token is None:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            why = "missing" if not given else "wrong"
+            raise HTTPError(401, f"{why} token: writes need `Authorization: Bearer <token>` (the server's --token)",
+                            {"WWW-Authenticate": 'Bearer realm="cr_accel"'})
+
+    def _read_json(self):
+        ctype = self.headers.get("Content-Type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise HTTPError(415, f"Content-Type must be application/json, got {ctype or 'none'}")
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise HTTPError(411, "chunked bodies are not accepted: send a Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            raise HTTPError(411, "a Content-Length header is required")
+        if not length.strip().isdigit():
+            self.close_connection = True
+            raise HTTPError(400, f"invalid Content-Length {length!r}")
+        length = int(length)
+        if length > self.server.max_body:
+            self.close_connection = True  # the body stays unread: this connection cannot be reused
+            raise HTTPError(413, f"body of {length} bytes is over the limit of {self.server.max_body} bytes "
+                                 "(a smaller samples picture fits)")
+        raw = self.rfile.read(length) if length else b""
+        if len(raw) < length:
+            self.close_connection = True
+            raise HTTPError(400, f"body ended after {len(raw)} of {length} bytes")
+        try:
+            body = json.loads(raw.decode("utf-8"), parse_constant=lambda name: None)  # NaN, Infinity: null
+        except UnicodeDecodeError:
+            raise HTTPError(400, "body is not UTF-8") from None
+        except (ValueError, RecursionError) as exc:
+            raise HTTPError(400, f"body is not valid JSON: {str(exc)[:200]}") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, f"body must be a JSON object, got {schema.type_name(body)}")
+        return body
+
+    def _send_json(self, payload, status=HTTPStatus.OK, headers=None):
+        data = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
+        self._send(data, "application/json", status, headers)
+
+    def _send(self, data, ctype, status=HTTPStatus.OK, headers=None):
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    # ------------------------------------------------------------ reads
+
+    def _page(self, query):
+        self._send(page_html(), "text/html; charset=utf-8")
+
+    def _list_runs(self, query):
+        self._send_json({"ok": True, "now": time.time(), "runs": self.server.store.list_runs()})
+
+    def _get_run(self, query, run_id):
+        run = self.server.store.get_run(run_id)
+        if run is None:
+            raise _unknown_run(run_id)
+        self._send_json({"ok": True, "run": run})
+
+    def _get_epochs(self, query, run_id):
+        after = query.get("after", "0")
+        if not after.isdigit() or int(after) > schema.MAX_EPOCH:
+            raise HTTPError(400, f"query `after` must be an epoch number (0 or more), got {after!r}")
+        epochs = self.server.store.get_epochs(run_id, int(after))
+        if epochs is None:
+            raise _unknown_run(run_id)
+        self._send_json({"ok": True, "run_id": run_id, "epochs": epochs})
+
+    def _get_samples(self, query, run_id):
+        found = self.server.store.get_samples(run_id)
+        if found is None:
+            if self.server.store.get_run(run_id) is None:
+                raise _unknown_run(run_id)
+            raise HTTPError(404, f"run `{run_id}` has sent no samples picture yet")
+        epoch, png = found
+        self._send(png, "image/png", headers={"X-Epoch": str(epoch)})
+
+    # ------------------------------------------------------------ writes
+
+    def _start_run(self, body):
+        fields = _checked(schema.check_start, body)
+        created = self.server.store.start_run(**fields)
+        status = HTTPStatus.CREATED if created else HTTPStatus.OK
+        self._send_json({"ok": True, "run_id": fields["run_id"], "created": created}, status)
+
+    def _add_epoch(self, body, run_id):
+        epoch, step, metrics, png = _checked(schema.check_epoch, body)
+        if not self.server.store.add_epoch(run_id, epoch, metrics, step=step, samples_png=png):
+            raise _unknown_run(run_id)
+        self._send_json({"ok": True, "run_id": run_id, "epoch": epoch})
+
+    def _end_run(self, body, run_id):
+        status, message = _checked(schema.check_end, body)
+        if not self.server.store.end_run(run_id, status, message):
+            raise _unknown_run(run_id)
+        self._send_json({"ok": True, "run_id": run_id, "status": status})
+
+
+def _checked(check, body):
+    try:
+        return check(body)
+    except schema.ValidationError as exc:
+        raise HTTPError(422, str(exc)) from None
+
+
+def _unknown_run(run_id):
+    return HTTPError(404, f"unknown run `{run_id}`: start it first with POST /api/runs")
+
+
+def _query(text):
+    return {k: v[-1] for k, v in parse_qs(text, keep_blank_values=True).items()}
+
+
+_page_cache = {}
+
+
+def page_html():
+    """The page's bytes (a static file in this package), read once."""
+    if "page" not in _page_cache:
+        _page_cache["page"] = resources.files(__package__).joinpath("static/index.html").read_bytes()
+    return _page_cache["page"]
+
+
+def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, db_path="runs.sqlite", token=None, verbose=False):
+    """A ready DashboardServer (socket bound; port 0 picks a free one, see `.url`). Call serve_forever()."""
+    store = RunStore(db_path)
+    try:
+        return DashboardServer((host, port), store, token=token, verbose=verbose)
+    except BaseException:
+        store.close()
+        raise
+
+
+def parser(prog="cr-accel dashboard"):
+    p = argparse.ArgumentParser(prog=prog, description="Live dashboard: receives runs' metrics and shows them.",
+                                epilog="example: %(prog)s --db runs.sqlite --port 8765; then in the config: "
+                                       "dashboard.enabled=true dashboard.url=http://127.0.0.1:8765")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s: this machine "
+                   "only; 0.0.0.0 for every interface, then also set --token)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s; 0: any free one)")
+    p.add_argument("--db", default="runs.sqlite", help="SQLite file holding the runs (default %(default)s)")
+    p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                   help=f"require `Authorization: Bearer TOKEN` on writes (default: ${TOKEN_ENV}, else none)")
+    p.add_argument("--verbose", action="store_true", help="log every request on stderr")
+    return p
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    """`cr-accel dashboard ...`; returns the exit code (2 for a bad address or database)."""
+    args = parser().parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        print(f"error: --port must be 0-65535, got {args.port}", file=sys.stderr)
+        return 2
+    try:
+        server = make_server(args.host, args.port, args.db, token=args.token, verbose=args.verbose)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc} "
+              "(is another dashboard running? choose another --port)", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+        print(f"warning: listening on {args.host} without --token: anyone who can reach it can post runs",
+              file=sys.stderr)
+    print(f"cr_accel dashboard on {server.url} (database {args.db}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill`, a scheduler stopping the job: close the file cleanly
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,612 @@
+"""The live dashboard: the tracker never slows training, the server refuses bad input, the page draws runs.
+
+The browser test needs Debian's chromium and the `playwright` package (see BROWSER_HINT); without them it
+fails, on purpose: a dashboard whose page was never opened is not tested.
+"""
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cr_accel.dashboard.images import samples_png
+from cr_accel.dashboard.server import make_server
+from cr_accel.dashboard.store import RunStore
+from cr_accel.dashboard.tracker import DashboardTracker, run_id_for
+
+LOGGER = "cr_accel.dashboard"
+FAST_RETRY = dict(retry_initial=0.05, retry_max=0.2)
+BROWSER_HINT = ("the dashboard's browser test needs Debian's chromium and the playwright package: "
+                "`apt-get install -y chromium` and `.venv/bin/pip install playwright` "
+                "(do not run `playwright install`: it downloads a browser; set CR_ACCEL_CHROMIUM to use "
+                "another chromium binary)")
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+# ---------------------------------------------------------------- helpers
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(db, port=0, token=None):
+    server = make_server("127.0.0.1", port, db, token=token)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@contextlib.contextmanager
+def broken_server(mode):
+    """A listening socket that answers like a broken dashboard: hang (never answers), 500, or garbage."""
+    replies = {
+        "hang": None,
+        "error500": b"HTTP/1.0 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 30\r\n\r\n{\"ok\": false, \"error\": \"boom\"}",
+        "garbage": b"\x16\x03\x01\x00 this is not HTTP at all \xff\xfe\r\n\r\n",
+    }
+    reply = replies[mode]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held, stop = [], threading.Event()
+
+    def serve():
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            if reply is None:
+                held.append(conn)  # accepted, never answered
+                continue
+            conn.settimeout(0.2)
+            with contextlib.suppress(OSError):
+                conn.recv(65536)
+                conn.sendall(reply)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(2)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def http(url, method="GET", path="/", body=None, headers=None):
+    """(status, headers, parsed JSON or raw bytes) with a real HTTP client."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+        headers = {"Content-Type": "application/json", **(headers or {})}
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    if resp.getheader("Content-Type", "").startswith("application/json"):
+        data = json.loads(data)
+    return resp.status, resp, data
+
+
+def raw_http(url, request_bytes, half_close=False):
+    """Send exact bytes; (status, JSON body). For requests a normal client refuses to make."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as s:
+        s.sendall(request_bytes)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def dashboard_warnings(caplog):
+    return [r for r in caplog.records if r.name.startswith(LOGGER) and r.levelno >= logging.WARNING]
+
+
+def decode_png(data):
+    """(width, height, color type, pixel rows) for an 8-bit PNG whose rows all use filter 0."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        chunk = data[pos + 8:pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(kind + chunk)
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", chunk)
+        elif kind == b"IDAT":
+            idat += chunk
+        pos += 12 + length
+    width, height, depth, color = header[:4]
+    channels = {0: 1, 2: 3}[color]
+    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(height, width * channels + 1)
+    assert (raw[:, 0] == 0).all()
+    return width, height, color, raw[:, 1:].reshape(height, width, channels)
+
+
+def fresh_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+# ---------------------------------------------------------------- the tracker
+
+@pytest.mark.parametrize("mode", ["refused", "hang", "error500", "garbage"])
+def test_tracker_never_blocks_training_when_the_dashboard_is_broken(mode, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with contextlib.ExitStack() as stack:
+        url = f"http://127.0.0.1:{free_port()}" if mode == "refused" else stack.enter_context(broken_server(mode))
+        tracker = DashboardTracker(url, "broken", timeout=0.5, finish_timeout=1.0, **FAST_RETRY)
+        tracker.start()
+        tracker.store_init_configuration({"optimizer": {"lr": 0.1}})
+        durations = []
+        for epoch in range(1, 51):
+            started = time.perf_counter()
+            tracker.log({"epoch": epoch, "train_loss": 1.0 / epoch, "lr": torch.tensor(0.1)}, step=epoch)
+            durations.append(time.perf_counter() - started)
+            time.sleep(0.002)  # an epoch takes a while: let the sender try and fail meanwhile
+        tracker.set_status("failed")
+        started = time.perf_counter()
+        tracker.finish()
+        finish_s = time.perf_counter() - started
+    # A blocking send would take the 0.5 s timeout (hang) per call; the bound leaves room for a busy machine.
+    assert max(durations) < 0.025, f"slowest log() took {max(durations) * 1e3:.1f} ms"
+    assert sum(durations) < 0.1
+    assert finish_s < 1.0 + 0.3, f"finish() took {finish_s:.2f} s with a 1 s bound"
+    warnings = dashboard_warnings(caplog)
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert url in warnings[0].getMessage() and "training continues" in warnings[0].getMessage()
+    assert tracker.sent == 0 and tracker.dropped == 52  # start + 50 epochs + end, all left out at the end
+
+
+def test_tracker_keeps_epochs_while_the_dashboard_is_down_and_delivers_them_in_order(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    port = free_port()
+    tracker = DashboardTracker(f"http://127.0.0.1:{port}", "late-server", run_id="late-1", timeout=0.5,
+                               start_info={"world_size": 2, "device": "cpu"}, **FAST_RETRY)
+    tracker.start()
+    tracker.store_init_configuration({"training": {"epochs": 8}})
+    for epoch in range(1, 6):
+        tracker.log({"epoch": epoch, "step": 10 * epoch, "train_loss": 1.0 / epoch}, step=epoch)
+    deadline = time.monotonic() + 5
+    while not dashboard_warnings(caplog) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert dashboard_warnings(caplog), "the tracker never noticed the dashboard was down"
+    assert tracker.pending == 6  # start + 5 epochs, all kept
+    with running_server(tmp_path / "runs.sqlite", port=port) as server:
+        for epoch in range(6, 9):
+            tracker.log({"epoch": epoch, "step": 10 * epoch, "train_loss": 1.0 / epoch}, step=epoch)
+        tracker.set_status("finished")
+        tracker.finish_timeout = 10
+        tracker.finish()
+        assert tracker.pending == 0 and tracker.sent == 1 + 8 + 1 and tracker.dropped == 0
+        _, _, run = http(server.url, path="/api/runs/late-1")
+        _, _, epochs = http(server.url, path="/api/runs/late-1/epochs")
+    run, rows = run["run"], epochs["epochs"]
+    assert run["status"] == "finished" and run["config"] == {"training": {"epochs": 8}}
+    assert (run["world_size"], run["device"]) == (2, "cpu")
+    assert [r["epoch"] for r in rows] == list(range(1, 9))
+    assert [r["step"] for r in rows] == [10 * e for e in range(1, 9)]
+    received = [r["received_at"] for r in rows]
+    assert received == sorted(received), "epochs were not delivered in order"
+    messages = [r.getMessage() for r in dashboard_warnings(caplog)]
+    assert len(messages) == 2 and "cannot deliver" in messages[0] and "reconnected" in messages[1], messages
+
+
+def test_tracker_queue_is_bounded_and_never_drops_the_start_message(tmp_path):
+    port = free_port()
+    tracker = DashboardTracker(f"http://127.0.0.1:{port}", "bounded", run_id="bounded-1", max_pending=5,
+                               timeout=0.5, finish_timeout=10, **FAST_RETRY)
+    tracker.start()
+    for epoch in range(1, 21):
+        tracker.log({"epoch": epoch, "train_loss": float(epoch)}, step=epoch)
+    assert tracker.pending <= 5
+    with running_server(tmp_path / "runs.sqlite", port=port) as server:
+        tracker.finish()
+        _, _, run = http(server.url, path="/api/runs/bounded-1")
+        _, _, epochs = http(server.url, path="/api/runs/bounded-1/epochs")
+    got = [r["epoch"] for r in epochs["epochs"]]
+    assert run["run"]["status"] == "finished"  # the start (and the end) made it
+    assert got and got == list(range(got[0], 21)), f"not the newest epochs without holes: {got}"
+    assert tracker.dropped == 20 - len(got)
+
+
+def test_tracker_re_sends_the_start_when_the_dashboard_lost_the_run(tmp_path):
+    port = free_port()
+    with running_server(tmp_path / "old.sqlite", port=port):
+        tracker = DashboardTracker(f"http://127.0.0.1:{port}", "lost", run_id="lost-1", timeout=0.5, **FAST_RETRY)
+        tracker.store_init_configuration({"seed": 7})
+        tracker.log({"epoch": 1, "train_loss": 1.0})
+        assert tracker.flush(5)
+    with running_server(tmp_path / "new.sqlite", port=port) as server:  # a fresh database: the run is unknown
+        tracker.log({"epoch": 2, "train_loss": 0.5})
+        tracker.finish()
+        _, _, run = http(server.url, path="/api/runs/lost-1")
+        _, _, epochs = http(server.url, path="/api/runs/lost-1/epochs")
+    assert run["run"]["config"] == {"seed": 7} and run["run"]["status"] == "finished"
+    assert [r["epoch"] for r in epochs["epochs"]] == [2]
+
+
+def test_tracker_works_through_accelerate_and_sends_samples(tmp_path):
+    from accelerate import Accelerator
+
+    fresh_state()
+    x = torch.rand(3, 8, 8)
+    png = samples_png(x, x * 0.5, x)
+    with running_server(tmp_path / "runs.sqlite", token="tok") as server:
+        tracker = DashboardTracker(server.url, "via-accelerate", token="tok", run_id="acc-1")
+        accelerator = Accelerator(cpu=True, log_with=[tracker])
+        accelerator.init_trackers("cr_accel", config={"model": {"name": "mlp"}, "seed": 42})
+        assert accelerator.get_tracker("cr_accel_dashboard") is tracker
+        accelerator.log({"epoch": 1, "step": 4, "train_loss": 0.5, "val_loss": float("nan"), "val_acc": 0.9,
+                         "note": "text is left out", "samples_png": png}, step=1)
+        tracker.set_status("stopped_early")
+        accelerator.end_training()
+        _, _, run = http(server.url, path="/api/runs/acc-1")
+        _, _, epochs = http(server.url, path="/api/runs/acc-1/epochs")
+        status, resp, image = http(server.url, path="/api/runs/acc-1/samples.png")
+    fresh_state()
+    assert run["run"]["status"] == "stopped_early"
+    assert run["run"]["config"] == {"model": {"name": "mlp"}, "seed": 42}
+    assert epochs["epochs"][0]["metrics"] == {"train_loss": 0.5, "val_loss": None, "val_acc": 0.9}
+    assert status == 200 and resp.getheader("Content-Type") == "image/png" and image == png
+    assert run["run"]["samples_epoch"] == 1
+
+
+def test_tracker_methods_never_raise(caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    tracker = DashboardTracker(f"http://127.0.0.1:{free_port()}", "odd values", finish_timeout=0.2, **FAST_RETRY)
+    tracker.store_init_configuration({"path": Path("/tmp"), "nested": {"t": (1, 2)}, "bad": float("inf")})
+    tracker.log({"epoch": 0, "loss": 1.0})  # epochs are 1-based: left out with a warning
+    tracker.log({"loss": object(), "nested": {"a": 1}, "none": None, "flag": True, "arr": np.float32(2)})
+    tracker.log(None)  # not even a dict: swallowed
+    tracker.set_status("exploded")  # not a status: ignored with a warning
+    tracker.finish()
+    tracker.finish()
+    tracker.log({"epoch": 9, "loss": 1.0})  # after finish: ignored
+    text = " | ".join(r.getMessage() for r in dashboard_warnings(caplog))
+    assert "1-based" in text and "exploded" in text and "AttributeError" in text
+    with pytest.raises(ValueError, match="http://HOST:PORT"):
+        DashboardTracker("localhost:8765", "x")
+    with pytest.raises(ValueError, match="run_id"):
+        DashboardTracker("http://127.0.0.1:1", "x", run_id="no spaces")
+
+
+def test_a_resumed_run_reports_to_the_same_dashboard_run(tmp_path):
+    out = tmp_path / "run"
+    with running_server(tmp_path / "runs.sqlite") as server:
+        first = DashboardTracker(server.url, "resumable", run_id=run_id_for(out, "resumable"))
+        first.set_start_info(world_size=1, epochs_done=0)
+        for epoch in (1, 2, 3, 4):
+            first.log({"epoch": epoch, "train_loss": 1.0})
+        first.set_status("preempted")
+        first.finish()
+        # the requeued job resumes from the checkpoint after epoch 2: epochs 3 and 4 are trained again
+        again = DashboardTracker(server.url, "resumable", run_id=run_id_for(out, "resumable"))
+        again.set_start_info(world_size=1, epochs_done=2)
+        again.start()
+        again.log({"epoch": 3, "train_loss": 0.5})
+        again.finish()
+        runs = http(server.url, path="/api/runs")[2]["runs"]
+        rows = http(server.url, path=f"/api/runs/{again.run_id}/epochs")[2]["epochs"]
+    assert again.run_id == first.run_id and [(r["run_id"], r["status"]) for r in runs] == [(first.run_id, "finished")]
+    assert [(r["epoch"], r["metrics"]["train_loss"]) for r in rows] == [(1, 1.0), (2, 1.0), (3, 0.5)]
+    with pytest.raises(ValueError, match="unknown start field"):
+        again.set_start_info(gpu="A100")
+
+
+def test_run_id_for_keeps_one_id_per_output_dir(tmp_path):
+    first = run_id_for(tmp_path / "run", "my run!")
+    assert first.startswith("my-run-") and run_id_for(tmp_path / "run", "other") == first
+    assert run_id_for(tmp_path / "run2", "my run!") != first
+
+
+# ---------------------------------------------------------------- the samples picture
+
+def test_samples_png_is_a_valid_grid_with_clipped_values():
+    n, h, w, scale = 2, 3, 5, 4
+    inputs = torch.full((n, 1, h, w), 2.0)  # clipped to white
+    outputs = np.full((n, h, w), -1.0)  # clipped to black
+    targets = [[[0.5] * w] * h] * n
+    width, height, color, pixels = decode_png(samples_png(inputs, outputs, targets, scale=scale))
+    assert (width, height, color) == (3 * w * scale + 4, n * h * scale + n + 1, 2)
+    cell = lambda row, col: pixels[1 + row * (h * scale + 1) + 2, 1 + col * (w * scale + 1) + 2]  # noqa: E731
+    assert list(cell(0, 0)) == [255] * 3 and list(cell(1, 1)) == [0] * 3 and list(cell(1, 2)) == [128] * 3
+    with pytest.raises(ValueError, match="as many outputs and targets"):
+        samples_png(inputs, outputs[:1], targets)
+
+
+def test_samples_png_shrinks_to_stay_small():
+    big = np.random.default_rng(0).random((8, 64, 64))
+    width, height, _, _ = decode_png(samples_png(big, big, big, scale=8, max_pixels=300_000))
+    assert width * height <= 300_000 and width > 3 * 64
+
+
+# ---------------------------------------------------------------- the server
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("dash") / "runs.sqlite") as srv:
+        status, _, _ = http(srv.url, "POST", "/api/runs", {"run_id": "known", "name": "known run"})
+        assert status == 201
+        yield srv
+
+
+def _post(path, body, ctype="application/json", length=None, extra=b""):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    length = len(data) if length is None else length
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+    if length != "omit":
+        head += f"Content-Length: {length}\r\n"
+    return head.encode() + extra + b"\r\n" + data
+
+
+EPOCH = "/api/runs/known/epochs"
+BAD_REQUESTS = {
+    "malformed JSON": (_post("/api/runs", b'{"run_id": '), 400, "not valid JSON"),
+    "not an object": (_post("/api/runs", [1, 2]), 400, "must be a JSON object"),
+    "not UTF-8": (_post("/api/runs", b'{"name": "\xff"}'), 400, "not UTF-8"),
+    "deeply nested": (_post("/api/runs", b"[" * 100000 + b"]" * 100000), 400, "not valid JSON"),
+    "missing fields": (_post("/api/runs", {}), 422, "`run_id` is required"),
+    "name not a string": (_post("/api/runs", {"run_id": "a", "name": 5}), 422, "`name` must be"),
+    "bad run id": (_post("/api/runs", {"run_id": "../etc", "name": "x"}), 422, "`run_id` must be"),
+    "unknown field": (_post("/api/runs", {"run_id": "a", "name": "x", "lr": 1}), 422, "unknown field(s) `lr`"),
+    "world_size not int": (_post("/api/runs", {"run_id": "a", "name": "x", "world_size": "2"}), 422, "world_size"),
+    "epoch zero": (_post(EPOCH, {"epoch": 0, "metrics": {}}), 422, "`epoch` must be an integer from 1"),
+    "epoch a string": (_post(EPOCH, {"epoch": "3", "metrics": {}}), 422, "`epoch` must be"),
+    "epoch fractional": (_post(EPOCH, {"epoch": 1.5, "metrics": {}}), 422, "`epoch` must be"),
+    "epoch a boolean": (_post(EPOCH, {"epoch": True, "metrics": {}}), 422, "`epoch` must be"),
+    "epoch huge": (_post(EPOCH, {"epoch": 10**30, "metrics": {}}), 422, "`epoch` must be"),
+    "metric a string": (_post(EPOCH, {"epoch": 1, "metrics": {"train_loss": "low"}}), 422, "metric `train_loss`"),
+    "metrics a list": (_post(EPOCH, {"epoch": 1, "metrics": [1]}), 422, "`metrics` must be an object"),
+    "metrics missing": (_post(EPOCH, {"epoch": 1}), 422, "`metrics` is required"),
+    "samples not base64": (_post(EPOCH, {"epoch": 1, "metrics": {}, "samples_png": "%%"}), 422, "base64"),
+    "samples not a PNG": (_post(EPOCH, {"epoch": 1, "metrics": {},
+                                        "samples_png": base64.b64encode(b"GIF89a").decode()}), 422, "PNG"),
+    "bad end status": (_post("/api/runs/known/end", {"status": "exploded"}), 422, "one of finished"),
+    "unknown run": (_post("/api/runs/nobody/epochs", {"epoch": 1, "metrics": {}}), 404, "unknown run `nobody`"),
+    "unknown path": (b"GET /api/nothing HTTP/1.1\r\nHost: x\r\n\r\n", 404, "no such path"),
+    "wrong method": (b"PUT /api/runs HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, "PUT is not allowed"),
+    "GET on a write path": (b"GET /api/runs/known/end HTTP/1.1\r\nHost: x\r\n\r\n", 405, "allowed: POST"),
+    "bad query": (b"GET /api/runs/known/epochs?after=abc HTTP/1.1\r\nHost: x\r\n\r\n", 400, "`after`"),
+    "no samples yet": (b"GET /api/runs/known/samples.png HTTP/1.1\r\nHost: x\r\n\r\n", 404, "no samples"),
+    "wrong content type": (_post("/api/runs", {"run_id": "a", "name": "x"}, ctype="text/plain"), 415,
+                           "application/json"),
+    "missing Content-Length": (_post("/api/runs", b"{}", length="omit"), 411, "Content-Length"),
+    "invalid Content-Length": (_post("/api/runs", b"{}", length="abc"), 400, "invalid Content-Length"),
+    "negative Content-Length": (_post("/api/runs", b"{}", length="-5"), 400, "invalid Content-Length"),
+    "oversized body": (_post("/api/runs", b"{}", length=5 * 2**20), 413, "over the limit"),
+    "chunked body": (_post("/api/runs", b"2\r\n{}\r\n0\r\n\r\n", length="omit",
+                           extra=b"Transfer-Encoding: chunked\r\n"), 411, "chunked"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_server_answers_bad_requests_with_a_4xx_json_error(server, case):
+    request, status, message = BAD_REQUESTS[case]
+    got_status, body = raw_http(server.url, request)
+    assert (got_status, body["ok"]) == (status, False), body
+    assert message in body["error"]
+
+
+def test_server_answers_a_body_shorter_than_its_content_length(server):
+    status, body = raw_http(server.url, _post("/api/runs", b'{"a": 1}', length=100), half_close=True)
+    assert status == 400 and "ended after 8 of 100 bytes" in body["error"]
+
+
+def test_server_keeps_serving_after_bad_requests(server):
+    for request, _, _ in BAD_REQUESTS.values():
+        raw_http(server.url, request)
+    status, _, body = http(server.url, "POST", EPOCH, {"epoch": 1, "step": 3, "metrics": {"train_loss": 0.25}})
+    assert (status, body["ok"]) == (200, True)
+    status, _, body = http(server.url, path="/api/runs/known/epochs")
+    assert status == 200 and body["epochs"][0]["metrics"] == {"train_loss": 0.25}
+    status, resp, page = http(server.url, path="/")
+    assert status == 200 and resp.getheader("Content-Type").startswith("text/html") and b"chart-" in page
+
+
+def test_server_epochs_are_idempotent_and_a_resume_replaces_later_ones(tmp_path):
+    with running_server(tmp_path / "runs.sqlite") as srv:
+        assert http(srv.url, "POST", "/api/runs", {"run_id": "r", "name": "r"})[0] == 201
+        assert http(srv.url, "POST", "/api/runs", {"run_id": "r", "name": "r"})[0] == 200  # re-sent start
+        for epoch in (1, 2, 2, 3, 3, 3):  # retries after lost answers
+            assert http(srv.url, "POST", "/api/runs/r/epochs", {"epoch": epoch, "metrics": {"x": epoch}})[0] == 200
+        assert [r["epoch"] for r in http(srv.url, path="/api/runs/r/epochs")[2]["epochs"]] == [1, 2, 3]
+        assert [r["epoch"] for r in http(srv.url, path="/api/runs/r/epochs?after=1")[2]["epochs"]] == [2, 3]
+        # NaN and Infinity are not JSON, but Python clients send them: stored as null
+        status, _, _ = http(srv.url, "POST", "/api/runs/r/epochs", b'{"epoch": 4, "metrics": {"x": NaN}}',
+                            {"Content-Type": "application/json"})
+        assert status == 200
+        # a run resumed from the checkpoint after epoch 2 trains epoch 3 again
+        assert http(srv.url, "POST", "/api/runs", {"run_id": "r", "name": "r", "epochs_done": 2})[0] == 200
+        assert [r["epoch"] for r in http(srv.url, path="/api/runs/r/epochs")[2]["epochs"]] == [1, 2]
+
+
+def test_server_token_protects_writes(tmp_path):
+    with running_server(tmp_path / "runs.sqlite", token="s3cret") as srv:
+        start = {"run_id": "t", "name": "t"}
+        status, resp, body = http(srv.url, "POST", "/api/runs", start)
+        assert status == 401 and "missing token" in body["error"] and resp.getheader("WWW-Authenticate")
+        status, _, body = http(srv.url, "POST", "/api/runs", start, {"Authorization": "Bearer nope"})
+        assert status == 401 and "wrong token" in body["error"]
+        status, _, _ = http(srv.url, "POST", "/api/runs", start, {"Authorization": "Basic s3cret"})
+        assert status == 401
+        assert http(srv.url, "POST", "/api/runs", start, {"Authorization": "Bearer s3cret"})[0] == 201
+        assert http(srv.url, path="/api/runs")[0] == 200  # reads stay open
+        tracker = DashboardTracker(srv.url, "t2", token="wrong", run_id="t2", finish_timeout=0.3, **FAST_RETRY)
+        tracker.finish()
+        assert http(srv.url, path="/api/runs/t2")[0] == 404 and tracker.sent == 0
+
+
+def test_server_database_survives_a_restart(tmp_path):
+    db = tmp_path / "runs.sqlite"
+    png = samples_png(np.ones((1, 2, 2)), np.zeros((1, 2, 2)), np.ones((1, 2, 2)))
+    with running_server(db) as srv:
+        tracker = DashboardTracker(srv.url, "persistent", run_id="p1")
+        tracker.store_init_configuration({"seed": 1})
+        for epoch in (1, 2):
+            tracker.log({"epoch": epoch, "train_loss": 0.5 / epoch, "samples_png": png})
+        tracker.set_status("preempted")
+        tracker.finish()
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with running_server(db) as srv:
+        runs = http(srv.url, path="/api/runs")[2]["runs"]
+        assert [(r["run_id"], r["status"], r["epochs"], r["last_epoch"]) for r in runs] == [("p1", "preempted", 2, 2)]
+        assert http(srv.url, path="/api/runs/p1")[2]["run"]["config"] == {"seed": 1}
+        assert http(srv.url, path="/api/runs/p1/samples.png")[2] == png
+
+
+def test_store_refuses_a_file_that_is_not_a_database(tmp_path):
+    from cr_accel.dashboard.server import main
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a database at all " * 100)
+    with pytest.raises(Exception, match="cannot use"):
+        RunStore(bad)
+    assert main(["--db", str(bad), "--port", "0"]) == 2
+
+
+def test_dashboard_command_serves_quietly_and_stops_on_sigterm(tmp_path):
+    from conftest import cli_env
+
+    proc = subprocess.Popen([sys.executable, "-m", "cr_accel.dashboard.server", "--port", "0",
+                             "--db", str(tmp_path / "runs.sqlite")], stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        line = proc.stderr.readline()
+        assert "cr_accel dashboard on http://127.0.0.1:" in line, line
+        url = line.split(" on ")[1].split()[0]
+        assert http(url, "POST", "/api/runs", {"run_id": "q", "name": "q"})[0] == 201
+        assert http(url, "POST", "/api/runs/q/epochs", b"{", {"Content-Type": "application/json"})[0] == 400
+        assert http(url, path="/api/runs")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert proc.stderr.read() == "", "the server logged requests without --verbose"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def test_dashboard_command_reports_a_busy_port(tmp_path, capsys):
+    from cr_accel.dashboard.server import main
+
+    with running_server(tmp_path / "a.sqlite") as srv:
+        assert main(["--port", str(srv.server_address[1]), "--db", str(tmp_path / "b.sqlite")]) == 2
+    assert "cannot listen" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the page, in a real browser
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(f"playwright is not installed: {BROWSER_HINT}")
+    exe = os.environ.get("CR_ACCEL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(exe).exists():
+        pytest.fail(f"no chromium at {exe}: {BROWSER_HINT}")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def fake_epoch(epoch, offset=0.0):
+    return {"epoch": epoch, "step": 20 * epoch, "train_loss": 1.0 / epoch + offset, "val_loss": 1.1 / epoch + offset,
+            "best_val": 1.1 / epoch, "lr": 0.1 * 0.9**epoch, "grad_norm": 2.0 / epoch, "samples_per_s": 5000 + epoch,
+            "epoch_time": 1.5, "val_mae": 0.5 / epoch}
+
+
+def test_page_shows_a_run_live_in_a_real_browser(tmp_path, browser):
+    x = torch.rand(4, 8, 8)
+    png = samples_png(x, x * 0.8, x, scale=4)
+    with running_server(tmp_path / "runs.sqlite") as srv:
+        main_run = DashboardTracker(srv.url, "seven epochs", run_id="seven")
+        main_run.store_init_configuration({"optimizer": {"name": "adamw", "lr": 0.001}})
+        for epoch in range(1, 8):
+            main_run.log({**fake_epoch(epoch), "samples_png": png}, step=epoch)
+        other = DashboardTracker(srv.url, "four epochs", run_id="four")
+        for epoch in range(1, 5):
+            other.log(fake_epoch(epoch, offset=0.2), step=epoch)
+        other.set_status("stopped_early")
+        other.finish()
+        assert main_run.flush(5)
+
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        requests, errors = [], []
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(srv.url + "/")
+        page.click('tr[data-run-id="seven"]')
+        train = '#chart-loss circle[data-run="seven"][data-series="train_loss"]'
+        page.wait_for_selector(train + '[data-epoch="7"]', timeout=10_000)
+        assert page.locator(train).count() == 7
+        assert page.locator('#chart-loss circle[data-series="val_loss"]').count() == 7
+        for chart in ("lr", "grad_norm", "samples_per_s", "val_mae"):
+            assert page.locator(f"#chart-{chart} circle[data-epoch]").count() == 7, chart
+        assert '"adamw"' in page.inner_text("#config")
+        assert page.inner_text("#run-status") == "running"
+        page.wait_for_function("() => document.getElementById('samples').naturalWidth > 0", timeout=5000)
+        assert page.eval_on_selector("#samples", "img => img.naturalWidth") == 3 * 8 * 4 + 4  # Chromium decoded it
+
+        main_run.log({**fake_epoch(8), "samples_png": png}, step=8)  # live: the next poll shows it
+        page.wait_for_selector(train + '[data-epoch="8"]', timeout=6000)
+        assert page.locator(train).count() == 8
+
+        page.check('input[data-overlay="four"]')
+        page.wait_for_selector('#chart-loss circle[data-run="four"]', timeout=5000)
+        assert page.locator('#chart-loss circle[data-run="four"][data-series="train_loss"]').count() == 4
+        assert "stopped_early" in page.inner_text('tr[data-run-id="four"]')
+
+        main_run.set_status("finished")
+        main_run.finish()
+        page.wait_for_function("() => document.getElementById('run-status').textContent === 'finished'",
+                               timeout=6000)
+        page.close()
+    assert not errors, errors
+    outside = [u for u in requests if not u.startswith(srv.url)]
+    assert not outside, f"the page loaded something from elsewhere: {outside}"
