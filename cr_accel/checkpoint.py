@@ -20,10 +20,12 @@ folders as hard links, not copies.
 """
 
 import hashlib
+import itertools
 import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -36,6 +38,8 @@ STATE = "trainer_state.json"
 CONFIG = "config.yaml"
 FORMAT = 1
 NAMED = ("last", "best")
+_trash_counter = itertools.count()
+_discarding = []  # deletion threads still running
 _POOL = re.compile(r"^step_(\d{8})$")
 # Files a checkpoint may hold; anything else (an extra pickle, say) makes it untrusted.
 _ALLOWED = re.compile(
@@ -78,19 +82,19 @@ class Checkpoints:
                     if target.exists():
                         shutil.rmtree(target)
                     old.rename(target)
-            for tmp in self.root.glob(".tmp-*"):
-                shutil.rmtree(tmp)
+            for leftover in [*self.root.glob(".tmp-*"), *self.root.glob(".trash-*")]:
+                shutil.rmtree(leftover)
         self.accelerator.wait_for_everyone()
 
-    def latest(self):
-        """The complete checkpoint with the highest global step (None if there is none)."""
+    def newest_first(self):
+        """Complete checkpoints, the highest global step first (`last` first among equals)."""
         candidates = []
         for path in self.complete():
             try:
                 candidates.append((read_state(path)["global_step"], path.name == "last", path))
             except CheckpointError:
                 continue
-        return max(candidates, key=lambda c: c[:2])[2] if candidates else None  # `last` wins a tie
+        return [c[2] for c in sorted(candidates, key=lambda c: c[:2], reverse=True)]
 
     def complete(self):
         if not self.root.is_dir():
@@ -131,7 +135,7 @@ class Checkpoints:
             return
         pool = sorted(p for p in self.root.iterdir() if _POOL.match(p.name))
         for old in pool[: max(0, len(pool) - self.keep_last_n)]:
-            shutil.rmtree(old)
+            _discard(old)
 
 
 # ---------------------------------------------------------------- reading
@@ -226,10 +230,26 @@ def _publish(source, final):
             shutil.rmtree(old)
         final.rename(old)
         source.rename(final)
-        shutil.rmtree(old)
+        _discard(old)
     else:
         source.rename(final)
     _fsync_dir(final.parent)
+
+
+def _discard(folder):
+    """Remove a checkpoint folder without making training wait: deleting a GB-sized file blocks for most of
+    a second on some file systems. The rename is instant; a crash leaves a `.trash-*` that start-up removes."""
+    trash = folder.parent / f".trash-{folder.name}-{os.getpid()}-{next(_trash_counter)}"
+    folder.rename(trash)
+    thread = threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True)
+    thread.start()
+    _discarding.append(thread)
+
+
+def wait_for_discards():
+    """Let background deletions finish (at the end of training, so no `.trash-*` is left behind)."""
+    while _discarding:
+        _discarding.pop().join()
 
 
 def _link_copy(source, target):

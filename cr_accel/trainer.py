@@ -161,12 +161,15 @@ class Trainer:
             peak = torch.tensor(torch.cuda.max_memory_allocated(self.accelerator.device) / 2**20,
                                 device=self.accelerator.device)
             metrics["peak_mem_mb"] = float(self.accelerator.gather(peak).max())
-        self.epoch, self.batch_in_epoch = epoch + 1, 0
+        if self.batch_in_epoch >= len(self.train_loader):
+            self.epoch, self.batch_in_epoch = epoch + 1, 0
+        # else the loop stopped inside the epoch (max_steps, should_stop): the position stays there, so a
+        # checkpoint of it resumes with the epoch's remaining batches (and replaces this partial row).
         if self.global_step >= self.total_steps:
             self.should_stop, self.stop_reason = True, self.stop_reason or "finished"
         self._log_epoch(metrics)
         self.callbacks.fire(Event.ON_EPOCH_END, self, metrics)
-        self._save_epoch_checkpoints(improved, finishing=self.should_stop or self.epoch == t.epochs)
+        self._save_epoch_checkpoints(epoch + 1, improved, finishing=self.should_stop or epoch + 1 == t.epochs)
         return metrics
 
     def train_one_epoch(self, epoch):
@@ -332,10 +335,10 @@ class Trainer:
             self.callbacks.fire(Event.ON_CHECKPOINT, self, path)
         return paths
 
-    def _save_epoch_checkpoints(self, improved, finishing):
+    def _save_epoch_checkpoints(self, epoch_number, improved, finishing):
         c = self.cfg.checkpoint
         targets = ["best"] if improved else []
-        if self.epoch % c.save_every == 0:
+        if epoch_number % c.save_every == 0:
             targets += ["periodic", "last"]
         elif finishing:
             targets.append("last")
@@ -348,17 +351,28 @@ class Trainer:
         self.save_checkpoint(["last"])
         self.should_stop, self.stop_reason = True, "preempted"
 
+    def _latest_usable_checkpoint(self):
+        """The newest checkpoint that verifies; a damaged newest one (a host crash after its manifest was
+        written, say) must not keep a requeued job from starting from the one before."""
+        for path in self.checkpoints.newest_first():
+            try:
+                checkpoint.verify(path)
+                return path
+            except checkpoint.CheckpointError as exc:
+                self.log.info(f"skipping checkpoint {path}: {exc}")
+        return None
+
     def _resume(self, where):
         acc = self.accelerator
         if where == "latest":
-            path = self.checkpoints.latest()
+            path = self._latest_usable_checkpoint()
             if path is None:
                 self.log.info(f"no complete checkpoint in {self.checkpoints.root}: starting from scratch")
                 self.csv.keep_epochs(0)
                 return
         else:
             path = Path(where)
-        checkpoint.verify(path)
+            checkpoint.verify(path)
         state = checkpoint.read_state(path)
         if state["world_size"] != acc.num_processes:
             raise checkpoint.CheckpointError(
@@ -395,6 +409,7 @@ class Trainer:
 
     def _finish(self, status):
         self.progress.close()
+        checkpoint.wait_for_discards()
         self.callbacks.fire(Event.ON_TRAIN_END, self, status)
         self.log.info(f"training {status} after {self.epoch} epochs, {self.global_step} optimizer steps")
         self.log.close()

@@ -125,6 +125,7 @@ def test_exact_resume_two_processes(config_file, tmp_path):
     run = f"output.dir={tmp_path / 'r/run'}"
     first = launch_2_cpu_processes(PROBE, "--config", config_file, "--probe", tmp_path / "r/first.json", run,
                                    "training.gradient_accumulation_steps=1", "--stop-at-step", 1)
+    assert json.loads((tmp_path / "r/first.json").read_text())["status"] == "preempted", first.stderr[-3000:]
     # The processes agree one step after the signal (an asynchronous all-reduce): they stop after step 2.
     state = checkpoint.read_state(tmp_path / "r/run/checkpoints/last")
     assert state["world_size"] == 2 and state["global_step"] == 2 and state["batch_in_epoch"] == 2, state
@@ -241,6 +242,43 @@ def test_callback_state_and_counters_travel_with_the_checkpoint(tmp_path):
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3", "4", "5"]
 
 
+class StopAtStep(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step, loss):
+        if step == self.step:
+            trainer.should_stop = True
+
+
+def test_stopping_inside_an_epoch_checkpoints_that_position(tmp_path):
+    """A callback's should_stop (like max_steps) ends inside an epoch: resuming must train the rest of it."""
+    straight = Trainer(small_cfg(tmp_path / "s", epochs=3))
+    straight.train()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    Trainer(small_cfg(tmp_path / "r", epochs=3), callbacks=[StopAtStep(6)]).train()
+    state = checkpoint.read_state(tmp_path / "r/run/checkpoints/last")
+    assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (1, 2, 6)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    resumed = Trainer(small_cfg(tmp_path / "r", epochs=3))
+    resumed.train(resume_from_checkpoint="latest")
+    assert resumed.global_step == straight.global_step == 12
+    assert_same_tensors(straight.accelerator.unwrap_model(straight.model).state_dict(),
+                        resumed.accelerator.unwrap_model(resumed.model).state_dict())
+    assert rows(tmp_path / "r/run") == rows(tmp_path / "s/run")
+
+
+def test_latest_skips_a_damaged_newest_checkpoint(finished_run):
+    last = finished_run / "checkpoints/last"
+    (last / "optimizer.bin").write_bytes(b"damaged")
+    result = resume_cli(finished_run, where="latest")
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = (finished_run / "train.log").read_text()
+    assert f"skipping checkpoint {last}" in log and "resumed from" in log and "step_00000008" in log
+
+
 def test_load_model_for_inference(tmp_path):
     trainer = Trainer(small_cfg(tmp_path, epochs=2))
     trainer.train()
@@ -258,9 +296,9 @@ def finished_run(tmp_path):
     return tmp_path / "run"
 
 
-def resume_cli(run_dir, *overrides):
+def resume_cli(run_dir, *overrides, where=None):
     return run_1_process(ROOT / "train.py", "--config", run_dir / "config.yaml", "training.epochs=3",
-                         *overrides, "--resume_from_checkpoint", run_dir / "checkpoints/last")
+                         *overrides, "--resume_from_checkpoint", where or run_dir / "checkpoints/last")
 
 
 @pytest.mark.parametrize("tamper, message", [
