@@ -12,7 +12,7 @@ EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
 
 # What a run writes into output.dir besides the log and the CSV (whose names are configurable).
-RUN_FILES = ("config.yaml", "environment.json", "checkpoints")
+RUN_FILES = ("config.yaml", "environment.json", "checkpoints", "samples", "dashboard_run_id")
 
 
 def train_parser(prog="train.py"):
@@ -89,10 +89,17 @@ def main_train(argv=None, prog="train.py"):
         return EXIT_USER_ERROR
 
 
+def main_dashboard(argv):
+    """`cr-accel dashboard [--host H] [--port P] [--db FILE] [--token T]`: the live dashboard server."""
+    from .dashboard.server import main as dashboard_main
+
+    return dashboard_main(argv)
+
+
 def main(argv=None):
     """`cr-accel <command>`: train (and, as they land, more commands)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": lambda rest: main_train(rest, prog="cr-accel train")}
+    commands = {"train": lambda rest: main_train(rest, prog="cr-accel train"), "dashboard": main_dashboard}
     if not argv or argv[0] not in commands:
         print(f"usage: cr-accel {{{','.join(commands)}}} ...  (cr-accel train --help)", file=sys.stderr)
         return EXIT_USER_ERROR

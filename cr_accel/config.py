@@ -400,6 +400,12 @@ def check_values(cfg):
     ]
     problems = [(key, msg) for key, ok, msg in rules if not ok]
     problems += _check_precision(t)
+    if cfg.dashboard.enabled:
+        from .dashboard.schema import check_url
+
+        url_problem = check_url(cfg.dashboard.url)
+        if url_problem:
+            problems.append(("dashboard.url", url_problem.replace("dashboard url ", "")))
     for i, name in enumerate(t.metrics):
         if not isinstance(name, str):
             problems.append((f"training.metrics[{i}]", f"must be a metric name, got `{name!r}`"))

@@ -25,8 +25,9 @@ def pick_precision(requested):
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def make_accelerator(cfg):
+def make_accelerator(cfg, log_with=None):
     return Accelerator(
+        log_with=log_with,
         mixed_precision=pick_precision(cfg.resolved_mixed_precision),
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
         # A seedable sampler makes the shuffle a function of (seed, epoch): the recipe for exact resume.

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint, components
 from .callbacks import CallbackList, Event
+from .dashboard.reporter import DashboardReporter
 from .environment import describe_environment, make_accelerator
 from .models import count_parameters
 from .preemption import Preemption
@@ -36,7 +37,8 @@ class Trainer:
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         set_seed(cfg.seed, deterministic=t.deterministic)  # before anything draws random numbers
-        self.accelerator = acc = make_accelerator(cfg)
+        self.reporter = DashboardReporter.for_config(cfg)  # main process only; None when off
+        self.accelerator = acc = make_accelerator(cfg, log_with=self.reporter and [self.reporter.tracker])
         self.callbacks = CallbackList()
         for cb in callbacks:
             self.add_callback(cb)
@@ -125,6 +127,8 @@ class Trainer:
         if resume_from_checkpoint is not None:
             self._resume(resume_from_checkpoint)
         self._write_run_files()
+        if self.reporter:
+            self.reporter.start(self)
         self.callbacks.fire(Event.ON_TRAIN_START, self)
         self.preemption.install()
         status = "failed"
@@ -406,12 +410,16 @@ class Trainer:
         parts += [f"{k} {v:.4g}" for k, v in m.items() if k.startswith("val_") and k != "val_loss"]
         self.log.info(" | ".join(parts))
         self.csv.append(metrics)
+        if self.reporter:
+            self.reporter.epoch(self, metrics)
 
     def _finish(self, status):
         self.progress.close()
         checkpoint.wait_for_discards()
         self.callbacks.fire(Event.ON_TRAIN_END, self, status)
         self.log.info(f"training {status} after {self.epoch} epochs, {self.global_step} optimizer steps")
+        if self.reporter:
+            self.reporter.finish(self, status)
         self.log.close()
         if status != "failed":  # after a failure on one process, the others may never arrive
             self.accelerator.wait_for_everyone()

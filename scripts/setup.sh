@@ -21,4 +21,10 @@ if ! $py -c "import torch" 2>/dev/null; then
     fi
 fi
 $py -m pip install -q -e ".${extras}"
+# The dashboard's browser test drives Debian's chromium through playwright (never `playwright install`).
+if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 echo "cr_accel installed in .venv ($($py -c 'import torch, accelerate; print("torch", torch.__version__, "accelerate", accelerate.__version__)'))"

@@ -610,3 +610,38 @@ def test_page_shows_a_run_live_in_a_real_browser(tmp_path, browser):
     assert not errors, errors
     outside = [u for u in requests if not u.startswith(srv.url)]
     assert not outside, f"the page loaded something from elsewhere: {outside}"
+
+
+# ---------------------------------------------------------------- the trainer, wired to the dashboard
+
+def test_trainer_reports_every_epoch_to_the_dashboard(tmp_path):
+    import csv
+
+    from cr_accel.config import config_from_dict
+    from cr_accel.trainer import Trainer
+
+    fresh_state()
+    out = tmp_path / "run"
+    with running_server(tmp_path / "runs.sqlite", token="tok") as server:
+        cfg = config_from_dict({
+            "model": {"name": "conv_autoencoder", "in_channels": 1, "out_channels": 1, "base_channels": 4,
+                      "depth": 1},
+            "data": {"name": "synthetic_cr", "batch_size": 8, "num_train": 16, "num_val": 8},
+            "training": {"epochs": 2, "log_every": 1000, "metrics": ["psnr"]},
+            "output": {"dir": str(out)},
+            "dashboard": {"enabled": True, "url": server.url, "token": "tok"},
+        })
+        assert Trainer(cfg).train() == "finished"
+        run_id = (out / "dashboard_run_id").read_text().strip()
+        run = http(server.url, path=f"/api/runs/{run_id}")[2]["run"]
+        rows = http(server.url, path=f"/api/runs/{run_id}/epochs")[2]["epochs"]
+    fresh_state()
+    assert (run["status"], run["world_size"], run["samples_epoch"]) == ("finished", 1, 2)
+    assert run["config"]["model"]["name"] == "conv_autoencoder"
+    with open(out / "metrics.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for row, csv_row in zip(rows, csv_rows):
+        for key in ("train_loss", "val_loss", "val_psnr", "lr", "grad_norm", "samples_per_s"):
+            assert row["metrics"][key] == pytest.approx(float(csv_row[key]), rel=1e-6), key
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
