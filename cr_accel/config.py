@@ -100,6 +100,7 @@ class OutputConfig:
     dir: str = "runs/default"
     log_file: str = "train.log"  # relative paths are inside `dir`
     metrics_file: str = "metrics.csv"
+    trackers: list = field(default_factory=list)  # accelerate trackers by name, e.g. [tensorboard]
 
 
 @dataclass
@@ -406,9 +407,29 @@ def check_values(cfg):
         url_problem = check_url(cfg.dashboard.url)
         if url_problem:
             problems.append(("dashboard.url", url_problem.replace("dashboard url ", "")))
+    problems += _check_trackers(cfg.output.trackers)
     for i, name in enumerate(t.metrics):
         if not isinstance(name, str):
             problems.append((f"training.metrics[{i}]", f"must be a metric name, got `{name!r}`"))
+    return problems
+
+
+def _check_trackers(names):
+    """accelerate's trackers by name; each must be installed (TensorBoard: `pip install cr_accel[tensorboard]`)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    problems = []
+    for i, name in enumerate(names):
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            problems.append((f"output.trackers[{i}]", f"unknown tracker `{name}`{hint} Choose from: {', '.join(known)}"))
+        elif name not in available:
+            extra = " (pip install 'cr_accel[tensorboard]')" if name == "tensorboard" else ""
+            problems.append((f"output.trackers[{i}]", f"`{name}` is not installed{extra}"))
     return problems
 
 

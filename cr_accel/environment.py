@@ -4,6 +4,7 @@ import os
 import platform
 import socket
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -28,6 +29,7 @@ def pick_precision(requested):
 def make_accelerator(cfg, log_with=None):
     return Accelerator(
         log_with=log_with,
+        project_dir=str(Path(cfg.output.dir) / "trackers"),  # where TensorBoard & co. write
         mixed_precision=pick_precision(cfg.resolved_mixed_precision),
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
         # A seedable sampler makes the shuffle a function of (seed, epoch): the recipe for exact resume.

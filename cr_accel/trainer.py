@@ -17,13 +17,13 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint, components
 from .callbacks import CallbackList, Event
-from .dashboard.reporter import DashboardReporter
 from .environment import describe_environment, make_accelerator
 from .models import count_parameters
 from .preemption import Preemption
 from .progress import Progress
 from .run_log import MetricsCSV, TextLog
 from .step_stats import StepStats
+from .tracking import EpochTrackers
 
 # Where accelerate's wrappers only add Python overhead (about 250 us per step: see the benchmark notes),
 # the step calls torch directly. Anything with a GradScaler, sharding or an engine goes through accelerate.
@@ -37,8 +37,8 @@ class Trainer:
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         set_seed(cfg.seed, deterministic=t.deterministic)  # before anything draws random numbers
-        self.reporter = DashboardReporter.for_config(cfg)  # main process only; None when off
-        self.accelerator = acc = make_accelerator(cfg, log_with=self.reporter and [self.reporter.tracker])
+        self.trackers = EpochTrackers.for_config(cfg)  # main process only; None without trackers
+        self.accelerator = acc = make_accelerator(cfg, log_with=self.trackers and self.trackers.log_with)
         self.callbacks = CallbackList()
         for cb in callbacks:
             self.add_callback(cb)
@@ -127,8 +127,8 @@ class Trainer:
         if resume_from_checkpoint is not None:
             self._resume(resume_from_checkpoint)
         self._write_run_files()
-        if self.reporter:
-            self.reporter.start(self)
+        if self.trackers:
+            self.trackers.start(self)
         self.callbacks.fire(Event.ON_TRAIN_START, self)
         self.preemption.install()
         status = "failed"
@@ -410,16 +410,16 @@ class Trainer:
         parts += [f"{k} {v:.4g}" for k, v in m.items() if k.startswith("val_") and k != "val_loss"]
         self.log.info(" | ".join(parts))
         self.csv.append(metrics)
-        if self.reporter:
-            self.reporter.epoch(self, metrics)
+        if self.trackers:
+            self.trackers.epoch(self, metrics)
 
     def _finish(self, status):
         self.progress.close()
         checkpoint.wait_for_discards()
         self.callbacks.fire(Event.ON_TRAIN_END, self, status)
         self.log.info(f"training {status} after {self.epoch} epochs, {self.global_step} optimizer steps")
-        if self.reporter:
-            self.reporter.finish(self, status)
+        if self.trackers:
+            self.trackers.finish(self, status)
         self.log.close()
         if status != "failed":  # after a failure on one process, the others may never arrive
             self.accelerator.wait_for_everyone()

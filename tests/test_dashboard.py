@@ -28,7 +28,7 @@ import torch
 from cr_accel.dashboard.images import samples_png
 from cr_accel.dashboard.server import make_server
 from cr_accel.dashboard.store import RunStore
-from cr_accel.dashboard.tracker import DashboardTracker, run_id_for
+from cr_accel.dashboard.tracker import DashboardTracker, remember_run_id, run_id_for
 
 LOGGER = "cr_accel.dashboard"
 FAST_RETRY = dict(retry_initial=0.05, retry_max=0.2)
@@ -317,6 +317,7 @@ def test_a_resumed_run_reports_to_the_same_dashboard_run(tmp_path):
     out = tmp_path / "run"
     with running_server(tmp_path / "runs.sqlite") as server:
         first = DashboardTracker(server.url, "resumable", run_id=run_id_for(out, "resumable"))
+        remember_run_id(out, first.run_id)
         first.set_start_info(world_size=1, epochs_done=0)
         for epoch in (1, 2, 3, 4):
             first.log({"epoch": epoch, "train_loss": 1.0})
@@ -338,6 +339,8 @@ def test_a_resumed_run_reports_to_the_same_dashboard_run(tmp_path):
 
 def test_run_id_for_keeps_one_id_per_output_dir(tmp_path):
     first = run_id_for(tmp_path / "run", "my run!")
+    assert not (tmp_path / "run").exists()  # nothing written before the run has really started
+    remember_run_id(tmp_path / "run", first)
     assert first.startswith("my-run-") and run_id_for(tmp_path / "run", "other") == first
     assert run_id_for(tmp_path / "run2", "my run!") != first
 

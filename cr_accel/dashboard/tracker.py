@@ -106,10 +106,14 @@ class DashboardTracker(GeneralTracker):
         """The run's resolved config: sent with the start message (or as an update if that already left)."""
         self._guard(self._store_config, values)
 
-    def log(self, values, step=None, **kwargs):
+    def log(self, values, step=None, samples_png=None, **kwargs):
         """Queue one epoch message; returns at once. The epoch is values["epoch"], else `step`, else one
         more than the last (1-based). Numbers (and 0-d tensors) become metrics, NaN/inf null; bytes under
-        "samples_png" are a PNG sent base64; anything else is left out."""
+        "samples_png" (in `values`, or as the keyword, which `accelerator.log(..., log_kwargs=
+        {"cr_accel_dashboard": {"samples_png": png}})` passes to this tracker alone) are a PNG sent
+        base64; anything else is left out."""
+        if samples_png is not None:
+            values = {**values, "samples_png": samples_png}
         self._guard(self._log, values, step)
 
     def set_start_info(self, **fields):
@@ -369,19 +373,22 @@ def _check_start_info(fields):
 
 
 def run_id_for(output_dir, name):
-    """The run id kept in `<output_dir>/dashboard_run_id`, made on first use: a resumed run (same
-    output dir) keeps reporting to the same dashboard run instead of starting a new one."""
-    path = Path(output_dir) / _RUN_ID_FILE
+    """The run id kept in `<output_dir>/dashboard_run_id`, or a new one: a resumed run (same output dir)
+    keeps reporting to the same dashboard run instead of starting a new one. Writes nothing: the caller
+    keeps a new id with `remember_run_id` once the run has really started."""
     try:
-        run_id = path.read_text().strip()
+        run_id = (Path(output_dir) / _RUN_ID_FILE).read_text().strip()
         if valid_run_id(run_id):
             return run_id
     except OSError:
         pass
-    run_id = new_run_id(name)
+    return new_run_id(name)
+
+
+def remember_run_id(output_dir, run_id):
+    path = Path(output_dir) / _RUN_ID_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
-    return run_id
 
 
 def _parse_answer(text):

@@ -1,0 +1,180 @@
+"""Epoch metrics leaving the run: the dashboard with real training (1 and 2 processes), and TensorBoard."""
+
+import contextlib
+import csv
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+
+from cr_accel.config import config_from_dict
+from cr_accel.dashboard.server import make_server
+from cr_accel.errors import ConfigError
+from cr_accel.trainer import Trainer
+from tests.runners import ROOT, free_port
+from tests.test_dashboard import broken_server
+
+CHECKED = ("train_loss", "val_loss", "val_psnr", "lr", "grad_norm", "best_val")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def tiny_config(out, epochs=3, **sections):
+    raw = {
+        "model": {"name": "conv_autoencoder", "base_channels": 4, "depth": 1},
+        "data": {"name": "synthetic_cr", "batch_size": 8, "num_train": 32, "num_val": 8},
+        "training": {"epochs": epochs, "metrics": ["psnr"]},
+        "output": {"dir": str(out)},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return config_from_dict(raw)
+
+
+def csv_rows(out):
+    with open(Path(out) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return json.loads(answer.read())
+
+
+class CountingServer:
+    """The real dashboard server, counting the write requests it answered."""
+
+    def __init__(self, db, port):
+        self.server = make_server("127.0.0.1", port, db)
+        self.posts = []
+        handler = self.server.RequestHandlerClass
+        posts = self.posts
+
+        class Counting(handler):
+            def do_POST(self):
+                super().do_POST()
+                posts.append(self.path)
+
+        self.server.RequestHandlerClass = Counting
+        self.url = f"http://127.0.0.1:{port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["refused", "hang", "error500"])
+def test_training_is_not_held_up_by_a_broken_dashboard(tmp_path, mode, monkeypatch):
+    """Handing an epoch to the dashboard takes no time whatever the dashboard does, and the end waits at
+    most the tracker's bounded flush; the run itself finishes normally."""
+    from cr_accel.dashboard.tracker import DashboardTracker
+
+    spent = []
+    original = DashboardTracker.log
+
+    def timed(self, *args, **kwargs):
+        started = time.perf_counter()
+        original(self, *args, **kwargs)
+        spent.append(time.perf_counter() - started)
+
+    monkeypatch.setattr(DashboardTracker, "log", timed)
+    with contextlib.ExitStack() as stack:
+        url = f"http://127.0.0.1:{free_port()}" if mode == "refused" else stack.enter_context(broken_server(mode))
+        trainer = Trainer(tiny_config(tmp_path / "run", epochs=6, dashboard={"enabled": True, "url": url}))
+        started = time.perf_counter()
+        status = trainer.train()
+        total = time.perf_counter() - started
+    rows = csv_rows(tmp_path / "run")
+    assert status == "finished" and len(rows) == 6
+    assert len(spent) == 6
+    assert max(spent) < 0.025, spent  # a send in the loop would take the 2 s timeout (hang) or more
+    # Training time plus at most the 3 s flush at the end (and a margin for start-up and the pictures).
+    assert total < sum(float(r["epoch_time"]) for r in rows) + 3.0 + 2.0
+    assert "could not be delivered" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_two_processes_report_once_per_epoch_to_a_dashboard_started_late(tmp_path):
+    """A real 2-process run; the dashboard comes up only after training began: the early epochs arrive too."""
+    port = free_port()
+    out = tmp_path / "run"
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({
+        "model": {"name": "conv_autoencoder", "base_channels": 4, "depth": 1},
+        "data": {"name": "synthetic_cr", "batch_size": 8, "num_train": 96, "num_val": 13},
+        "training": {"epochs": 8, "metrics": ["psnr"], "log_every": 1000},
+        "output": {"dir": str(out)},
+        "dashboard": {"enabled": True, "url": f"http://127.0.0.1:{port}"},
+    }))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(ROOT / "train.py"), "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = None
+    try:
+        deadline = time.time() + 180
+        while not ((out / "metrics.csv").exists() and len(csv_rows(out)) >= 2):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "training never logged 2 epochs"
+            time.sleep(0.1)
+        server = CountingServer(tmp_path / "runs.sqlite", port)
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+        run_id = (out / "dashboard_run_id").read_text().strip()
+        run = get_json(f"{server.url}/api/runs/{run_id}")["run"]
+        epochs = get_json(f"{server.url}/api/runs/{run_id}/epochs")["epochs"]
+        posts = list(server.posts)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if server:
+            server.close()
+    assert (run["status"], run["world_size"]) == ("finished", 2)
+    assert posts.count("/api/runs") == 1, posts  # one start message
+    assert posts.count(f"/api/runs/{run_id}/end") == 1
+    assert posts.count(f"/api/runs/{run_id}/epochs") == 8  # exactly one per epoch, not one per process
+    rows = csv_rows(out)
+    assert [e["epoch"] for e in epochs] == list(range(1, 9)) == [int(r["epoch"]) for r in rows]
+    for sent, row in zip(epochs, rows):
+        for key in CHECKED:
+            assert sent["metrics"][key] == pytest.approx(float(row[key]), rel=1e-9), key
+    assert "cannot deliver" in err  # the one warning while the dashboard was not there yet
+    assert err.count("cannot deliver") == 1
+
+
+def test_tensorboard_gets_the_epoch_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, output={"trackers": ["tensorboard"]})).train()
+    events = sorted((out / "trackers" / "cr_accel").glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    scalars = EventAccumulator(str(events[0]))
+    scalars.Reload()
+    rows = csv_rows(out)
+    for key in CHECKED:
+        logged = scalars.Scalars(key)
+        assert [e.step for e in logged] == [1, 2, 3], key
+        assert [e.value for e in logged] == pytest.approx([float(r[key]) for r in rows], rel=1e-6), key
+
+
+def test_unknown_or_missing_tracker_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown tracker `tensorbord`; did you mean `tensorboard`\?"):
+        tiny_config(tmp_path, output={"trackers": ["tensorbord"]})
