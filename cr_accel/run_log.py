@@ -39,21 +39,26 @@ class MetricsCSV:
     def __init__(self, path, enabled):
         self.path = Path(path)
         self.enabled = enabled
+        self._columns = None  # the header on disk, read once (the file may be a resumed run's)
 
     def append(self, row):
         if not self.enabled:
             return
-        rows, columns = self._read()
-        new_columns = [k for k in row if k not in columns]
-        if new_columns and rows:  # rewrite once with the wider header; old rows get empty cells
+        if self._columns is None:
+            self._columns = self._read()[1]
+        new_columns = [k for k in row if k not in self._columns]
+        if new_columns and self._columns:  # rewrite once with the wider header; old rows get empty cells
+            rows, columns = self._read()
             self._write(rows + [row], columns + new_columns)
+            self._columns = columns + new_columns
             return
-        columns = columns or list(row)
+        if not self._columns:
+            self._columns = list(row)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=self._columns).writeheader()
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            if not rows and self.path.stat().st_size == 0:
-                writer.writeheader()
-            writer.writerow({k: _cell(v) for k, v in row.items()})
+            csv.DictWriter(f, fieldnames=self._columns).writerow({k: _cell(v) for k, v in row.items()})
 
     def keep_epochs(self, epochs_done):
         """Drop rows of epochs after `epochs_done` (they are about to be re-run after a resume); the dropped
@@ -64,6 +69,7 @@ class MetricsCSV:
         keep = [r for r in rows if int(r["epoch"]) <= epochs_done]
         if len(keep) == len(rows):
             return
+        self._columns = None
         superseded = self.path.with_name(self.path.name + ".superseded")
         with open(superseded, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
@@ -74,8 +80,6 @@ class MetricsCSV:
 
     def _read(self):
         if not self.path.exists() or self.path.stat().st_size == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.touch()
             return [], []
         with open(self.path, newline="") as f:
             reader = csv.DictReader(f)

@@ -49,8 +49,11 @@ class Trainer:
         self.metric_fns = components.build_metrics(cfg)
         optimizer = components.build_optimizer(cfg, model.parameters())
         train_loader, val_loader = self._make_loaders()
+        # On CPU the batches are already where they go: skipping the loaders' device placement saves
+        # ~20 us per batch (measured by bench/overhead.py --breakdown).
+        place_batches = acc.device.type != "cpu"
         self.model, self.optimizer, self.train_loader, self.val_loader = acc.prepare(
-            model, optimizer, train_loader, val_loader
+            model, optimizer, train_loader, val_loader, device_placement=[True, True, place_batches, place_batches]
         )
         self.steps_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
         self.total_steps = t.epochs * self.steps_per_epoch
@@ -104,7 +107,8 @@ class Trainer:
         import yaml
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        resolved = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        (self.output_dir / "config.yaml").write_text(resolved)
         env = describe_environment(self.accelerator)
         env["dataset"] = self.data.metadata
         (self.output_dir / "environment.json").write_text(json.dumps(env, indent=2, default=str))
@@ -113,7 +117,7 @@ class Trainer:
         self.log.info(f"model {self.cfg.model.name}: {count_parameters(self.accelerator.unwrap_model(self.model)):,} "
                       f"parameters | {len(self.data.train)} train / {len(self.data.val)} val samples | "
                       f"{self.steps_per_epoch} optimizer steps per epoch, {self.total_steps} in total")
-        self.log.info("hyperparameters:\n" + yaml.safe_dump(self.cfg.to_dict(), sort_keys=False).rstrip(), console=False)
+        self.log.info("hyperparameters:\n" + resolved.rstrip(), console=False)
 
     # ---------------------------------------------------------------- the loop
 
