@@ -59,7 +59,6 @@ def run_hand_written(workload, steps, marks):
 
 def run_cr_accel(workload, steps, marks, workdir):
     import torch
-    from torch.utils.data import TensorDataset
 
     from cr_accel.callbacks import Callback
     from cr_accel.config import config_from_dict

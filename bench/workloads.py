@@ -22,8 +22,9 @@ GRAD_CLIP = 1.0
 class SmallCNN(nn.Module):
     """A small image classifier: two conv stages with pooling, a third conv, global pooling, a linear head.
 
-    With width 16 on 1x32x32 inputs, batch 32 and one thread, a training step takes about 27 ms on the
-    benchmark machine (a compute-bound step, unlike the MLP's, where Python overhead is a large share).
+    With width 16 on 1x32x32 inputs, batch 32 and one thread, a training step takes about 27 ms on an unloaded
+    machine of the benchmark's kind (25-38 ms on a Xeon, 72 ms on the shared 2-core VM): a compute-bound step,
+    unlike the MLP's, where Python overhead is a large share.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
@@ -92,13 +93,21 @@ WORKLOADS = {
         name="mlp", model="mlp",
         model_kwargs={"in_features": 64, "hidden_sizes": [256, 256], "out_features": 10},
         batch_size=64, input_shape=(64,), num_classes=10,
-        default_steps=1500, quick_steps=60, steps_per_epoch=100, num_val=64,
+        default_steps=1000, quick_steps=60, steps_per_epoch=100, num_val=64,
+    ),
+    # Not in the default run: a model so small that the step is almost all Python, which shows the
+    # loop's fixed cost per step in microseconds (`--workloads tiny`).
+    "tiny": Workload(
+        name="tiny", model="mlp",
+        model_kwargs={"in_features": 8, "hidden_sizes": [8], "out_features": 2},
+        batch_size=8, input_shape=(8,), num_classes=2,
+        default_steps=3000, quick_steps=60, steps_per_epoch=100, num_val=8,
     ),
     "cnn": Workload(
         name="cnn", model="bench_cnn",
         model_kwargs={"in_channels": 1, "num_classes": 10, "width": 16},
         batch_size=32, input_shape=(1, 32, 32), num_classes=10,
-        default_steps=150, quick_steps=8, steps_per_epoch=25, num_val=32,
+        default_steps=100, quick_steps=8, steps_per_epoch=25, num_val=32,
     ),
 }
 
