@@ -46,6 +46,19 @@ def console_script(name="cr-accel"):
     return found
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons (its state, the gradient state); every test that builds a
+    Trainer in this process starts from scratch, as a new run would."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     return REPO_ROOT

@@ -23,15 +23,6 @@ from tests.runners import PROBE, ROOT, launch_2_cpu_processes, run_1_process, st
 LOSS_COLUMNS = ("epoch", "step", "train_loss", "grad_norm", "val_loss", "val_psnr", "best_val", "lr", "skipped_steps")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
     """48 samples, batch 8, accumulation 2 -> 6 batches, 3 optimizer steps per epoch; dropout on."""

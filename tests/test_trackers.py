@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 
 from cr_accel.config import config_from_dict
 from cr_accel.dashboard.server import make_server
@@ -22,15 +21,6 @@ from tests.runners import ROOT, free_port
 from tests.test_dashboard import broken_server
 
 CHECKED = ("train_loss", "val_loss", "val_psnr", "lr", "grad_norm", "best_val")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def tiny_config(out, epochs=3, **sections):

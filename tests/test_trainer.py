@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from cr_accel.callbacks import Callback, Event, hook_names
 from cr_accel.cli import main_train
@@ -16,16 +15,6 @@ from cr_accel.config import config_from_dict
 from cr_accel.schedule import SCHEDULES
 from cr_accel.step_stats import NonFiniteLossError
 from cr_accel.trainer import Trainer
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each test builds its own Accelerator from scratch."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def regression_files(tmp_path, n=10, d_in=8, d_out=4, seed=0, scale=1.0):
