@@ -366,3 +366,26 @@ def test_resume_latest_without_checkpoints_starts_fresh(tmp_path):
     trainer = Trainer(cfg)
     assert trainer.train(resume_from_checkpoint="latest") == "finished"
     assert "no complete checkpoint" in (tmp_path / "run/train.log").read_text()
+
+
+def test_a_second_signal_aborts_at_once(config_file, tmp_path):
+    """The first SIGTERM asks for a checkpoint; a second one while it is being written ends the run now,
+    and the half-written checkpoint never becomes `last`."""
+    # No checkpoint before the signal (no validation, no periodic save): only the preemption's is slowed.
+    proc = start_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "p.json",
+                           f"output.dir={tmp_path / 'run'}", "training.eval_every=10", "checkpoint.save_every=10",
+                           "--slow-save", 60, "--stop-at-step", 4)
+    writes = 0
+    for line in proc.stdout:
+        if line.startswith("WRITING-MANIFEST"):
+            writes += 1
+            if ".tmp-step_00000004" in line:  # the preemption checkpoint, half written
+                started = time.time()
+                proc.send_signal(signal.SIGTERM)
+                break
+    proc.wait(timeout=30)
+    assert time.time() - started < 10  # not the 60 s the manifest write was told to take
+    assert proc.returncode == -signal.SIGTERM
+    ckpts = tmp_path / "run/checkpoints"
+    assert writes == 1 and not (ckpts / "last").exists()  # the half-written one never became `last`
+    assert [p.name for p in ckpts.iterdir()] == [".tmp-step_00000004"]  # removed at the next start
