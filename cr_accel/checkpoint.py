@@ -103,7 +103,7 @@ class Checkpoints:
 
     # ------------------------------------------------------------ saving
 
-    def save(self, state, config_dict, targets):
+    def save(self, state, config_yaml, targets):
         """Write the full training state once and publish it under each of `targets` (`periodic`, `last`,
         `best`). Called on every process. Returns the published folders."""
         acc = self.accelerator
@@ -117,7 +117,7 @@ class Checkpoints:
         acc.save_state(str(tmp))
         if acc.is_main_process:
             _write_json(tmp / STATE, state)
-            (tmp / CONFIG).write_text(yaml.safe_dump(config_dict, sort_keys=False))
+            (tmp / CONFIG).write_text(config_yaml)
         acc.wait_for_everyone()  # every process has finished writing its files
         names = [f"step_{step:08d}" if t == "periodic" else t for t in targets]
         if acc.is_main_process:
@@ -182,7 +182,7 @@ def read_state(path):
     missing = [k for k in STATE_REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint `{path}`: trainer state lacks {', '.join(missing)}")
-    known = set(STATE_REQUIRED) | set(STATE_DEFAULTS) | {"cr_accel_version", "epochs_done"}
+    known = set(STATE_REQUIRED) | set(STATE_DEFAULTS) | {"cr_accel_version"}
     unknown = sorted(set(state) - known)
     if unknown:
         raise CheckpointError(f"checkpoint `{path}`: trainer state has unknown keys {', '.join(unknown)} "

@@ -4,7 +4,6 @@
 paths) without building anything, so a bad config fails before any output is created.
 """
 
-import inspect
 from pathlib import Path
 
 from . import optim, schedule
@@ -99,8 +98,3 @@ def build_schedule(cfg, optimizer, num_training_steps):
 def build_metrics(cfg):
     return {name: METRICS.resolve(name) for name in cfg.training.metrics}
 
-
-def describe(builder):
-    """One line for logs: where a part comes from."""
-    module = inspect.getmodule(builder)
-    return f"{module.__name__ if module else '?'}:{getattr(builder, '__qualname__', builder)}"

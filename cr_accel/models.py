@@ -1,6 +1,5 @@
 """Built-in models. Add your own with `@MODELS.register("name")` or a `package.module:Name` target."""
 
-import torch
 from torch import nn
 
 from .registry import Registry
@@ -79,4 +78,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "MLP", "ConvAutoencoder", "count_parameters", "torch"]
+__all__ = ["MODELS", "MLP", "ConvAutoencoder", "count_parameters"]

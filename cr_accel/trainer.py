@@ -5,6 +5,7 @@
     trainer.train()
 """
 
+import functools
 import json
 import math
 import os
@@ -101,14 +102,18 @@ class Trainer:
                          num_workers=d.num_workers, pin_memory=d.pin_memory)
         return train, val
 
+    @functools.cached_property
+    def config_yaml(self):
+        """The resolved config as YAML: written next to the outputs and into every checkpoint."""
+        import yaml
+
+        return yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+
     def _write_run_files(self):
         if not self.accelerator.is_main_process:
             return
-        import yaml
-
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        resolved = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
-        (self.output_dir / "config.yaml").write_text(resolved)
+        (self.output_dir / "config.yaml").write_text(self.config_yaml)
         env = describe_environment(self.accelerator)
         env["dataset"] = self.data.metadata
         (self.output_dir / "environment.json").write_text(json.dumps(env, indent=2, default=str))
@@ -117,7 +122,7 @@ class Trainer:
         self.log.info(f"model {self.cfg.model.name}: {count_parameters(self.accelerator.unwrap_model(self.model)):,} "
                       f"parameters | {len(self.data.train)} train / {len(self.data.val)} val samples | "
                       f"{self.steps_per_epoch} optimizer steps per epoch, {self.total_steps} in total")
-        self.log.info("hyperparameters:\n" + resolved.rstrip(), console=False)
+        self.log.info("hyperparameters:\n" + self.config_yaml.rstrip(), console=False)
 
     # ---------------------------------------------------------------- the loop
 
@@ -323,7 +328,6 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
-            "epochs_done": self.epoch,
             "world_size": self.accelerator.num_processes,
             "schedule": self.schedule.state_dict(),
             "best_value": self.best_value,
@@ -336,7 +340,7 @@ class Trainer:
     def save_checkpoint(self, targets):
         """Save the full state at this optimizer-step boundary into `targets` (periodic, last, best)."""
         started = time.perf_counter()
-        paths = self.checkpoints.save(self.state_dict(), self.cfg.to_dict(), targets)
+        paths = self.checkpoints.save(self.state_dict(), self.config_yaml, targets)
         self.log.info(f"checkpoint at step {self.global_step} -> {', '.join(p.name for p in paths)} "
                       f"({time.perf_counter() - started:.2f} s)", console=False)
         for path in paths:
