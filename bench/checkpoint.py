@@ -169,7 +169,7 @@ def save_worker(spec):
     timers.wrap(checkpoint, "_link_copy", "links")
     timers.wrap(checkpoint, "_publish", "publish")
     timers.wrap(trainer.checkpoints, "_rotate", "rotate")
-    timers.wrap(checkpoint.shutil, "rmtree", "rmtree")  # inside publish (old last/best) and rotate (old pool)
+    timers.wrap(checkpoint.store.shutil, "rmtree", "rmtree")  # inside publish (old last/best) and rotate (old pool)
     timers.wrap(checkpoint, "_fsync_dir", "fsync dir")
     warm_steps = 3
     step_ends = []
@@ -222,7 +222,7 @@ def measure_saves(trainer, timers, reps, checkpoint):
             fn()
             row[label] = time.perf_counter() - started
         loads.append(row)
-    return {"saves": saves, "loads": loads, "hashing": hash_alternatives(newest, checkpoint._sha256)}
+    return {"saves": saves, "loads": loads, "hashing": hash_alternatives(newest, checkpoint.files.sha256)}
 
 
 def proc_status_mb(field):

@@ -53,14 +53,14 @@ class Recorder(Callback):
 
 
 def slow_down_manifests(seconds):
-    write = checkpoint._write_manifest
+    write = checkpoint.store._write_manifest
 
     def slow(folder, state):
         print(f"WRITING-MANIFEST {folder}", flush=True)
         time.sleep(seconds)
         write(folder, state)
 
-    checkpoint._write_manifest = slow
+    checkpoint.store._write_manifest = slow
 
 
 def main():

@@ -316,7 +316,7 @@ def test_tampered_checkpoint_is_refused(finished_run, tamper, message):
         evil.write_bytes(b"cos\nsystem\n(S'touch /tmp/pwned'\ntR.")
         if tamper == "pickle_in_manifest":
             manifest = json.loads((last / "manifest.json").read_text())
-            manifest["files"][evil.name] = {"size": evil.stat().st_size, "sha256": checkpoint._sha256(evil)}
+            manifest["files"][evil.name] = {"size": evil.stat().st_size, "sha256": checkpoint.files.sha256(evil)}
             (last / "manifest.json").write_text(json.dumps(manifest))
     elif tamper == "no_manifest":
         (last / "manifest.json").unlink()
@@ -343,7 +343,7 @@ def test_older_checkpoint_without_newer_keys_loads_with_defaults(finished_run):
     (last / "trainer_state.json").write_text(json.dumps(state))
     manifest = json.loads((last / "manifest.json").read_text())
     manifest["files"]["trainer_state.json"] = {"size": (last / "trainer_state.json").stat().st_size,
-                                              "sha256": checkpoint._sha256(last / "trainer_state.json")}
+                                              "sha256": checkpoint.files.sha256(last / "trainer_state.json")}
     (last / "manifest.json").write_text(json.dumps(manifest))
     result = resume_cli(finished_run)
     assert result.returncode == 0, result.stderr[-2000:]

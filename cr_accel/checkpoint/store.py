@@ -19,7 +19,6 @@ between them, so at every moment an earlier complete checkpoint exists. The same
 folders as hard links, not copies.
 """
 
-import hashlib
 import itertools
 import json
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .errors import UserError
+from .files import CheckpointError, fsync_file, link_copy, read_json, sha256_all, write_json
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
@@ -57,10 +56,6 @@ STATE_DEFAULTS = {
     "dataset": {},
 }
 STATE_REQUIRED = ("format", "epoch", "global_step", "world_size", "schedule")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used: missing, incomplete, tampered with, or for another model."""
 
 
 class Checkpoints:
@@ -116,14 +111,14 @@ class Checkpoints:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         if acc.is_main_process:
-            _write_json(tmp / STATE, state)
+            write_json(tmp / STATE, state)
             (tmp / CONFIG).write_text(config_yaml)
         acc.wait_for_everyone()  # every process has finished writing its files
         names = [f"step_{step:08d}" if t == "periodic" else t for t in targets]
         if acc.is_main_process:
             _write_manifest(tmp, state)
             for i, name in enumerate(names):
-                source = tmp if i == len(names) - 1 else _link_copy(tmp, self.root / f".tmp-link-{name}")
+                source = tmp if i == len(names) - 1 else link_copy(tmp, self.root / f".tmp-link-{name}")
                 _publish(source, self.root / name)
             if "periodic" in targets:
                 self._rotate()
@@ -150,13 +145,13 @@ def verify(path):
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint `{path}` does not exist (or is not a folder)")
-    manifest = _read_json(path / MANIFEST, path, what="manifest")
+    manifest = read_json(path / MANIFEST, path, what="manifest")
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"checkpoint `{path}` has a manifest of an unknown format; it was not written by "
                               f"this version of cr_accel")
     listed = manifest["files"]
     present = {p.name for p in path.iterdir()} - {MANIFEST}
-    digests = _sha256_all([path / name for name in listed if (path / name).is_file()])
+    digests = sha256_all([path / name for name in listed if (path / name).is_file()])
     for name in sorted(present - set(listed)):
         raise CheckpointError(f"checkpoint `{path}` holds an unexpected file `{name}`; refusing to load it. "
                               "Remove the file if you put it there, or use another checkpoint")
@@ -178,7 +173,7 @@ def verify(path):
 
 def read_state(path):
     """trainer_state.json with documented defaults for keys that older checkpoints lack; unknown keys refused."""
-    state = _read_json(Path(path) / STATE, path, what="trainer state")
+    state = read_json(Path(path) / STATE, path, what="trainer state")
     missing = [k for k in STATE_REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint `{path}`: trainer state lacks {', '.join(missing)}")
@@ -234,7 +229,7 @@ def _publish(source, final):
         _discard(old)
     else:
         source.rename(final)
-    _fsync_dir(final.parent)
+    fsync_file(final.parent)
 
 
 def _discard(folder):
@@ -253,70 +248,16 @@ def wait_for_discards():
         _discarding.pop().join()
 
 
-def _link_copy(source, target):
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir()
-    for file in source.iterdir():
-        try:
-            os.link(file, target / file.name)
-        except OSError:  # file systems without hard links
-            shutil.copy2(file, target / file.name)
-    return target
-
-
 def _write_manifest(folder, state):
-    from . import __version__
+    from .. import __version__
 
     paths = [p for p in sorted(folder.iterdir()) if p.is_file()]
-    digests = _sha256_all(paths)
+    digests = sha256_all(paths)
     files = {p.name: {"size": p.stat().st_size, "sha256": digests[p]} for p in paths}
     manifest = {"format": FORMAT, "cr_accel_version": __version__, "world_size": state["world_size"],
                 "global_step": state["global_step"], "epoch": state["epoch"], "files": files}
-    _write_json(folder / MANIFEST, manifest, fsync=True)
+    write_json(folder / MANIFEST, manifest, fsync=True)
 
-
-def _write_json(path, data, fsync=False):
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1, allow_nan=True)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _read_json(file, checkpoint, what):
-    try:
-        return json.loads(Path(file).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint `{checkpoint}` has no {Path(file).name}: it is incomplete or not a "
-                              "cr_accel checkpoint; use another one") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint `{checkpoint}`: the {what} is not valid JSON ({exc})") from None
-
-
-def _sha256(file):
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _sha256_all(paths):
-    """{path: sha256}, one thread per file: hashlib releases the GIL, so the model and the optimizer files
-    hash side by side (1.21 s -> 0.81 s for a 1.2 GB checkpoint on 2 cores, bench/checkpoint.py)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(8, max(1, len(paths)))) as pool:
-        return dict(zip(paths, pool.map(_sha256, paths)))
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_model(run_dir_or_checkpoint, device="cpu"):
@@ -327,8 +268,8 @@ def load_model(run_dir_or_checkpoint, device="cpu"):
     """
     from safetensors.torch import load_file
 
-    from .components import build_model
-    from .config import config_from_dict
+    from ..components import build_model
+    from ..config import config_from_dict
 
     path = Path(run_dir_or_checkpoint)
     if (path / "checkpoints").is_dir():
