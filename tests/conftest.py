@@ -19,6 +19,7 @@ _LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTE
 def cli_env():
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env["ACCELERATE_USE_CPU"] = "1"
+    env["PYTHONPATH"] = str(REPO_ROOT)  # this checkout's cr_accel, not whichever one is installed
     return env
 
 

@@ -18,7 +18,8 @@ def free_port():
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    return dict(env, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    # Scripts under tests/ would otherwise import the installed cr_accel, which may be another checkout's.
+    return dict(env, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
 def launch_2_cpu_processes(script, *args, timeout=300):
