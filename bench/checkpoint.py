@@ -210,7 +210,7 @@ def measure_saves(trainer, timers, reps, checkpoint):
                    "bytes": folder_bytes(paths[0])}
             row["fsync_after"] = fsync_folder(paths[0])
             saves.append(row)
-    newest = max(trainer.checkpoints.complete(), key=lambda p: checkpoint.read_state(p)["global_step"])
+    newest = max(trainer.checkpoints.complete(), key=lambda p: checkpoint.read_state(p)["trainer"]["global_step"])
     loads = []
     for _ in range(min(reps, 2)):
         row = {}

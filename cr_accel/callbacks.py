@@ -16,7 +16,7 @@ The loop, in the order the events fire:
 A plain function `fn(epoch, train_loss, val_loss, model, optimizer, **metrics)` is also accepted and
 called at the end of every epoch. Callbacks run on every process; use `trainer.accelerator.is_main_process`
 for work that should happen once. A callback with `state_dict()/load_state_dict()` has its state saved in
-checkpoints (it must be JSON-serialisable).
+checkpoints (JSON values, or tensors), under its `state_key` (default: its class name).
 """
 
 import enum
@@ -106,16 +106,30 @@ class CallbackList:
             hook(*args)
 
     def state_dict(self):
-        return {_key(i, cb): cb.state_dict() for i, cb in enumerate(self.callbacks)}
+        return {key: cb.state_dict() for key, cb in self._keyed().items()}
 
     def load_state_dict(self, state):
-        for i, cb in enumerate(self.callbacks):
-            if _key(i, cb) in state:
-                cb.load_state_dict(state[_key(i, cb)])
+        for key, cb in self._keyed().items():
+            saved = state.get(key, state.get(self._legacy_key(cb)))
+            if saved is not None:
+                cb.load_state_dict(saved)
 
+    def _keyed(self):
+        """{state_key: callback}: a callback's `state_key` (default: its class name), numbered from the second
+        callback of the same key on, so adding an unrelated callback does not move anyone's state."""
+        keyed = {}
+        for cb in self.callbacks:
+            base = getattr(cb, "state_key", None) or type(cb).__qualname__
+            key, n = base, 1
+            while key in keyed:
+                n += 1
+                key = f"{base}#{n}"
+            keyed[key] = cb
+        return keyed
 
-def _key(index, cb):
-    return f"{index}:{type(cb).__qualname__}"
+    def _legacy_key(self, cb):
+        """Checkpoints before state keys named callbacks by position: `index:ClassName`."""
+        return f"{self.callbacks.index(cb)}:{type(cb).__qualname__}"
 
 
 def hook_names():

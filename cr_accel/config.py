@@ -84,6 +84,9 @@ class TrainingConfig:
     skip_nonfinite: bool = False  # skip optimizer steps with a non-finite gradient norm instead of stopping
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
     metrics: list = field(default_factory=list)  # extra validation metrics by name, e.g. [psnr]
+    # torch.compile the model in place (its parameter names stay plain, so checkpoints resume either way);
+    # true = the default mode, or a mode by name.
+    compile: typing.Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = False
 
 
 @dataclass
@@ -93,6 +96,9 @@ class CheckpointConfig:
     keep_last_n: Optional[int] = 3  # periodic checkpoints kept; None keeps all
     monitor: str = "val_loss"
     mode: Literal["min", "max"] = "min"
+    # Write checkpoints in the background: training waits only for a copy of the state in CPU memory.
+    # Runs under DeepSpeed or FSDP save synchronously (their engines write the files) and say so in the log.
+    async_save: bool = True
 
 
 @dataclass
@@ -329,10 +335,18 @@ def _section_from_dict(name, cls, value, problems, flagged):
 def _check_type(key, value, annotation, problems):
     """`value` if it fits `annotation` (ints accepted for floats), else record a problem and return _INVALID."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or one of several types
+        if value is None and type(None) in args:
             return None
-        return _check_type(key, value, next(a for a in args if a is not type(None)), problems)
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _check_type(key, value, options[0], problems)
+        for option in options:
+            checked = _check_type(key, value, option, [])
+            if checked is not _INVALID:
+                return checked
+        problems.append(f"`{key}` is `{value!r}`; allowed values: {', '.join(_describe(o) for o in options)}")
+        return _INVALID
     if origin is Literal:
         if value in args:
             return value
@@ -348,6 +362,12 @@ def _check_type(key, value, annotation, problems):
     shown = "null" if value is None else f"`{value!r}` ({type(value).__name__})"
     problems.append(f"`{key}` must be {kind.get(expected, expected.__name__)}, got {shown}")
     return _INVALID
+
+
+def _describe(annotation):
+    if typing.get_origin(annotation) is Literal:
+        return ", ".join(str(a) for a in typing.get_args(annotation))
+    return {bool: "true, false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
 
 
 def _suggest(key, section):

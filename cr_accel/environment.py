@@ -32,6 +32,7 @@ def make_accelerator(cfg, log_with=None):
         project_dir=str(Path(cfg.output.dir) / "trackers"),  # where TensorBoard & co. write
         mixed_precision=pick_precision(cfg.resolved_mixed_precision),
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+        dynamo_backend="no",  # the Trainer compiles in place (training.compile), keeping parameter names
         # A seedable sampler makes the shuffle a function of (seed, epoch): the recipe for exact resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )

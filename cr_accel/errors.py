@@ -15,3 +15,7 @@ class ConfigError(UserError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         noun = "error" if len(self.problems) == 1 else "errors"
         super().__init__(f"Config is not well-formed, found {len(self.problems)} {noun}:\n{lines}")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: missing, incomplete, tampered with, or for another model."""

@@ -13,14 +13,15 @@ class TextLog:
 
     def __init__(self, path, enabled):
         self.enabled = enabled
-        self._file = None
-        if enabled:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a", buffering=1)  # line-buffered: a crash loses no finished line
+        self.path = Path(path)
+        self._file = None  # opened at the first line: a run refused before it starts leaves no file behind
 
     def info(self, message, console=True):
         if not self.enabled:
             return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", buffering=1)  # line-buffered: a crash loses no finished line
         stamp = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
         for line in str(message).splitlines():
             self._file.write(f"{stamp} {line}\n")

@@ -97,3 +97,36 @@ class StepStats:
         self.norms = [float(v) for v in state["norms"]]
         self.skipped_steps = int(state["skipped_steps"])
         self.samples = int(state["samples"])
+
+
+class EpochStatsState:
+    """The unfinished epoch's values of every process, as one checkpoint part (gathered on every process).
+
+    On resume each process continues its own values; on another number of processes (elastic resume) the
+    sums move to process 0 -- the epoch means add them up over processes anyway -- and every process keeps
+    process 0's gradient norms, which all processes share (gradients are all-reduced before clipping)."""
+
+    def __init__(self, stats, accelerator, mid_epoch):
+        self.stats = stats
+        self.accelerator = accelerator
+        self.mid_epoch = mid_epoch  # () -> bool: at an epoch end there is nothing to continue
+
+    def state_dict(self):
+        from accelerate.utils import gather_object
+
+        if not self.mid_epoch():
+            return {"per_process": None}
+        mine = self.stats.state_dict()
+        return {"per_process": gather_object([mine]) if self.accelerator.num_processes > 1 else [mine]}
+
+    def load_state_dict(self, state):
+        saved, rank = state["per_process"], self.accelerator.process_index
+        if saved is None:
+            return
+        if len(saved) == self.accelerator.num_processes:
+            self.stats.load_state_dict(saved[rank])
+            return
+        merged = {"losses": [v for s in saved for v in s["losses"]], "norms": saved[0]["norms"],
+                  "skipped_steps": sum(s["skipped_steps"] for s in saved), "samples": sum(s["samples"] for s in saved)}
+        empty = {"losses": [], "norms": saved[0]["norms"], "skipped_steps": 0, "samples": 0}
+        self.stats.load_state_dict(merged if rank == 0 else empty)

@@ -16,14 +16,16 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from . import checkpoint, components
+from . import checkpoint, components, resume
 from .callbacks import CallbackList, Event
+from .checkpoint.async_writer import BackgroundSave, snapshot_supported, take_snapshot
 from .environment import describe_environment, make_accelerator
 from .models import count_parameters
 from .preemption import Preemption
 from .progress import Progress
 from .run_log import MetricsCSV, TextLog
-from .step_stats import StepStats
+from .state import StateRegistry, TrainState
+from .step_stats import EpochStatsState, StepStats
 from .tracking import EpochTrackers
 
 # Where accelerate's wrappers only add Python overhead (about 250 us per step: see the benchmark notes),
@@ -31,7 +33,26 @@ from .tracking import EpochTrackers
 _PLAIN_TYPES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
+class _Counter:
+    """A TrainState field read and written as a Trainer attribute (`trainer.global_step`)."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, trainer, owner=None):
+        return self if trainer is None else getattr(trainer.state, self.name)
+
+    def __set__(self, trainer, value):
+        setattr(trainer.state, self.name, value)
+
+
 class Trainer:
+    epoch = _Counter()  # the epoch running, or the next one to run (0-based)
+    batch_in_epoch = _Counter()  # micro-batches of `epoch` already trained on, per process
+    global_step = _Counter()  # optimizer steps done
+    best_value = _Counter()
+    bad_validations = _Counter()  # consecutive validations without improvement (early stopping)
+
     def __init__(self, cfg, callbacks=()):
         self.cfg = cfg
         t = cfg.training
@@ -50,29 +71,22 @@ class Trainer:
         self.metric_fns = components.build_metrics(cfg)
         optimizer = components.build_optimizer(cfg, model.parameters())
         train_loader, val_loader = self._make_loaders()
+        self.state = TrainState(world_size=acc.num_processes, gradient_accumulation_steps=t.gradient_accumulation_steps)
         # On CPU the batches are already where they go: skipping the loaders' device placement saves
         # ~20 us per batch (measured by bench/overhead.py --breakdown).
         place_batches = acc.device.type != "cpu"
         self.model, self.optimizer, self.train_loader, self.val_loader = acc.prepare(
             model, optimizer, train_loader, val_loader, device_placement=[True, True, place_batches, place_batches]
         )
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
-        self.total_steps = t.epochs * self.steps_per_epoch
-        if t.max_steps is not None:
-            self.total_steps = min(self.total_steps, t.max_steps)
+        self._compile(t.compile)
         # The schedule is stepped by the trainer once per optimizer step, not prepared by accelerate.
-        self.schedule = components.build_schedule(cfg, optimizer, self.total_steps)
+        self.schedule = components.build_schedule(cfg, optimizer, self._size_steps())
 
         self.plain_step = acc.scaler is None and acc.distributed_type in _PLAIN_TYPES
         self.step_optimizer = optimizer if self.plain_step else self.optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_grad_norm = t.grad_clip if t.grad_clip is not None else math.inf
 
-        self.epoch = 0  # the epoch running, or the next one to run (0-based)
-        self.batch_in_epoch = 0  # micro-batches of `epoch` already trained on
-        self.global_step = 0  # optimizer steps done
-        self.best_value = None
-        self.bad_validations = 0  # consecutive validations without improvement (early stopping)
         self.should_stop = False
         self.stop_reason = None
 
@@ -83,14 +97,53 @@ class Trainer:
         self.progress = Progress(enabled=acc.is_local_main_process)
         self.stats = StepStats(acc, allow_nonfinite=t.skip_nonfinite)
         self.checkpoints = checkpoint.Checkpoints(acc, self.output_dir / "checkpoints", cfg.checkpoint.keep_last_n)
+        self.async_save = cfg.checkpoint.async_save and snapshot_supported(acc)
+        self.background_save = BackgroundSave()
+        self._unannounced = []  # checkpoints written in the background, not yet announced to callbacks
         self.preemption = Preemption(acc)
         self._resumed_mid_epoch = False
         self.preemption_agreed = False
+        self.registry = self._register_state()
+
+    def _register_state(self):
+        """Everything a checkpoint holds besides accelerate's files, each part saving and loading itself."""
+        registry = StateRegistry()
+        registry.register("trainer", self.state)
+        registry.register("schedule", self.schedule)
+        registry.register("callbacks", self.callbacks)
+        registry.register("epoch_stats", EpochStatsState(self.stats, self.accelerator,
+                                                          mid_epoch=lambda: self.batch_in_epoch > 0))
+        registry.register("dataset", _Recorded(self.data.metadata))
+        return registry
 
     def add_callback(self, cb):
         return self.callbacks.add(cb)
 
     # ---------------------------------------------------------------- set-up
+
+    def _size_steps(self):
+        """Optimizer steps per epoch and in total, for this run's accumulation (which an elastic resume may
+        change); returns the total."""
+        t = self.cfg.training
+        self.accumulation = self.state.gradient_accumulation_steps
+        self.accelerator.gradient_accumulation_steps = self.accumulation
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / self.accumulation)
+        self.total_steps = t.epochs * self.steps_per_epoch
+        if t.max_steps is not None:
+            self.total_steps = min(self.total_steps, t.max_steps)
+        return self.total_steps
+
+    def _compile(self, mode):
+        """torch.compile in place (nn.Module.compile): the module keeps its parameter names, so checkpoints
+        are the same with compile on or off. accelerate's own `--dynamo_backend` is routed here too (the
+        Accelerator is made with dynamo off), since its wrapper renames every parameter `_orig_mod.*`."""
+        backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+        if mode is False and backend == "no":
+            return
+        options = {} if mode in (True, False) else {"mode": mode}
+        if backend != "no":
+            options["backend"] = backend
+        self.accelerator.unwrap_model(self.model).compile(**options)
 
     def _make_loaders(self):
         d = self.cfg.data
@@ -201,7 +254,7 @@ class Trainer:
         bar = self.progress.epoch_bar(epoch, t.epochs, len(self.train_loader))
         if bar is not None:
             bar.update(self.batch_in_epoch)
-        accumulate = t.gradient_accumulation_steps > 1 or not self.plain_step
+        accumulate = self.accumulation > 1 or not self.plain_step
         step_listeners = self.callbacks.has(Event.ON_STEP_END)
         save_every_steps = self.cfg.checkpoint.save_every_steps
         self.preemption_agreed = False
@@ -241,7 +294,7 @@ class Trainer:
         self.stats.add_loss(loss, self.global_step)
         if self.plain_step:
             # What accelerator.backward does without a GradScaler, minus its per-call overhead.
-            accum = self.cfg.training.gradient_accumulation_steps
+            accum = self.accumulation
             (loss / accum if accum > 1 else loss).backward()
         else:
             self.accelerator.backward(loss)
@@ -314,38 +367,57 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def state_dict(self):
-        """Everything besides accelerate's files that a resume needs, as JSON (never a pickle)."""
-        from . import __version__
-        from accelerate.utils import gather_object
-
-        mid_epoch = self.batch_in_epoch > 0
-        # Every process's unfinished-epoch values, so each one continues its own exact epoch means.
-        epoch_stats = gather_object([self.stats.state_dict()]) if mid_epoch else None
-        return {
-            "format": checkpoint.FORMAT,
-            "cr_accel_version": __version__,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "global_step": self.global_step,
-            "world_size": self.accelerator.num_processes,
-            "schedule": self.schedule.state_dict(),
-            "best_value": self.best_value,
-            "bad_validations": self.bad_validations,
-            "callbacks": self.callbacks.state_dict(),
-            "epoch_stats": epoch_stats,
-            "dataset": self.data.metadata,
-        }
-
     def save_checkpoint(self, targets):
-        """Save the full state at this optimizer-step boundary into `targets` (periodic, last, best)."""
+        """Save the full state at this optimizer-step boundary into `targets` (periodic, last, best). With
+        asynchronous saves only the copy into host memory happens here; the write runs in the background."""
         started = time.perf_counter()
-        paths = self.checkpoints.save(self.state_dict(), self.config_yaml, targets)
-        self.log.info(f"checkpoint at step {self.global_step} -> {', '.join(p.name for p in paths)} "
+        self.background_save.wait()  # at most one save in flight
+        self._announce_checkpoints()
+        ckpts, acc = self.checkpoints, self.accelerator
+        state = self.registry.state_dict()
+        summary = {"world_size": acc.num_processes, "global_step": self.global_step, "epoch": self.epoch}
+        tmp = ckpts.prepare_folder(self.global_step)
+        if self.async_save:
+            snapshot = take_snapshot(acc)
+            self.background_save.start(lambda: self._write_snapshot(snapshot, tmp, state, targets, summary))
+        else:
+            acc.save_state(str(tmp))
+            ckpts.write_own_files(tmp, state, self.config_yaml)
+            acc.wait_for_everyone()  # every process has written its files
+            if acc.is_main_process:
+                ckpts.publish(tmp, targets, summary)
+            acc.wait_for_everyone()
+        paths = [ckpts.root / name for name in ckpts.target_names(self.global_step, targets)]
+        how = "started in the background" if self.async_save else "written"
+        self.log.info(f"checkpoint at step {self.global_step} -> {', '.join(p.name for p in paths)} {how} "
                       f"({time.perf_counter() - started:.2f} s)", console=False)
+        self._unannounced += paths
+        if not self.async_save:
+            self._announce_checkpoints()
+        return paths
+
+    def _write_snapshot(self, snapshot, tmp, state, targets, summary):
+        """The background half of an asynchronous save: this process's files, then (main) publishing once
+        every process has marked its files done."""
+        snapshot.write(tmp)
+        self.checkpoints.write_own_files(tmp, state, self.config_yaml)
+        self.checkpoints.mark_written(tmp, snapshot.process_index)
+        if self.accelerator.is_main_process:
+            self.checkpoints.wait_for_marks(tmp, self.accelerator.num_processes)
+            self.checkpoints.publish(tmp, targets, summary)
+
+    def wait_for_checkpoint(self):
+        """Block until the save in flight (if any) is published; re-raises what its write raised."""
+        self.background_save.wait()
+        self.accelerator.wait_for_everyone()  # the main process publishes after every process has written
+        self._announce_checkpoints()
+
+    def _announce_checkpoints(self):
+        if self.background_save.in_flight:
+            return
+        paths, self._unannounced = self._unannounced, []
         for path in paths:
             self.callbacks.fire(Event.ON_CHECKPOINT, self, path)
-        return paths
 
     def _save_epoch_checkpoints(self, epoch_number, improved, finishing):
         c = self.cfg.checkpoint
@@ -361,50 +433,90 @@ class Trainer:
         self.log.info(f"{self.preemption.signal_name or 'signal'} received: saving a checkpoint at step "
                       f"{self.global_step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch}) and stopping")
         self.save_checkpoint(["last"])
+        self.wait_for_checkpoint()  # exit 75 only once the checkpoint is published
         self.should_stop, self.stop_reason = True, "preempted"
 
-    def _latest_usable_checkpoint(self):
-        """The newest checkpoint that verifies; a damaged newest one (a host crash after its manifest was
-        written, say) must not keep a requeued job from starting from the one before."""
-        for path in self.checkpoints.newest_first():
-            try:
-                checkpoint.verify(path)
-                return path
-            except checkpoint.CheckpointError as exc:
-                self.log.info(f"skipping checkpoint {path}: {exc}")
-        return None
-
     def _resume(self, where):
-        acc = self.accelerator
-        if where == "latest":
-            path = self._latest_usable_checkpoint()
-            if path is None:
-                self.log.info(f"no complete checkpoint in {self.checkpoints.root}: starting from scratch")
-                self.csv.keep_epochs(0)
-                return
-        else:
-            path = Path(where)
-            checkpoint.verify(path)
-        state = checkpoint.read_state(path)
-        if state["world_size"] != acc.num_processes:
+        """Load `where` (a folder, or `latest`); see cr_accel.resume for what is tried and refused."""
+        rejected = []
+        for path, problem in resume.candidates(self.checkpoints, where):
+            try:
+                if problem is not None:
+                    raise checkpoint.CheckpointError(problem)
+                self._load_checkpoint(path)
+            except checkpoint.CheckpointError as exc:
+                if where != "latest":
+                    raise
+                rejected.append((path, exc))
+                continue
+            for skipped, why in rejected:  # logged only now: a refused resume leaves the log untouched
+                self.log.info(f"skipping checkpoint {skipped}: {why}")
+            self.csv.keep_epochs(self.epoch)  # rows logged after the checkpoint are re-run now
+            self.log.info(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
+                          f"step {self.global_step}")
+            return
+        if rejected:
             raise checkpoint.CheckpointError(
-                f"checkpoint `{path}` was written by {state['world_size']} process(es) and this run has "
-                f"{acc.num_processes}: the data position and schedule would not line up. Resume with "
-                f"{state['world_size']} process(es) (e.g. ./launch.sh --num-processes {state['world_size']})")
+                f"--resume_from_checkpoint latest: none of the {len(rejected)} entries in {self.checkpoints.root} "
+                "can be used, and starting over would throw their work away:\n  - "
+                + "\n  - ".join(f"{p.name}: {why}" for p, why in rejected)
+                + "\nRepair or remove them, pass one explicitly, or start a new run in another output.dir")
+        self.log.info(f"no complete checkpoint in {self.checkpoints.root} (it holds none at all): starting from scratch")
+        self.csv.keep_epochs(0)
+
+    def _load_checkpoint(self, path):
+        """Load one checkpoint on every process, or raise CheckpointError on every process."""
+        acc = self.accelerator
+        problem, loaded = None, None
+        try:
+            loaded = self._read_checkpoint(path)
+        except checkpoint.CheckpointError as exc:
+            problem = str(exc)
+        problems = resume.agree(acc, problem)
+        if problems:
+            raise checkpoint.CheckpointError(problems[0])
+        parts, tensors, accumulation = loaded
+        trainer_part = parts["trainer"]
+        elastic = trainer_part["world_size"] != acc.num_processes
+        if elastic:
+            parts = self._rescale_for_world_size(parts, accumulation)
+        self.registry.load_state_dict(parts, tensors)
+        self.state.world_size = acc.num_processes
+        if elastic:
+            resume.reseed(self.cfg.seed, acc.process_index, self.global_step)
+        self._resumed_mid_epoch = self.batch_in_epoch > 0
+
+    def _read_checkpoint(self, path):
+        """Everything that can refuse a checkpoint, before any of this run's state changes."""
+        acc = self.accelerator
+        parts, tensors = resume.verify_and_read(path)
+        saved = parts["trainer"]
+        # Checkpoints from before the registry ran with the config's accumulation.
+        accumulation = saved.setdefault("gradient_accumulation_steps", self.cfg.training.gradient_accumulation_steps)
+        if saved["world_size"] != acc.num_processes:
+            accumulation = resume.elastic_accumulation(saved["world_size"], accumulation, acc.num_processes)
         checkpoint.check_model_matches(path, acc.unwrap_model(self.model))
-        acc.load_state(str(path))
-        checkpoint.check_rng_restored(path, acc)
-        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-        self.global_step = state["global_step"]
-        self.schedule.load_state_dict(state["schedule"])
-        self.best_value, self.bad_validations = state["best_value"], state["bad_validations"]
-        self.callbacks.load_state_dict(state["callbacks"])
-        if self.batch_in_epoch > 0:
-            self.stats.load_state_dict(state["epoch_stats"][acc.process_index])
-            self._resumed_mid_epoch = True
-        self.csv.keep_epochs(self.epoch)  # rows logged after the checkpoint are re-run now
-        self.log.info(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
-                      f"step {self.global_step}")
+        resume.load_accelerate_state(acc, path)
+        if saved["world_size"] == acc.num_processes:
+            checkpoint.check_rng_restored(path, acc)
+        return parts, tensors, accumulation
+
+    def _rescale_for_world_size(self, parts, accumulation):
+        """The trainer part of a checkpoint from N processes, for this run's M: the same global position."""
+        saved = dict(parts["trainer"])
+        n, m, before = saved["world_size"], self.accelerator.num_processes, saved["gradient_accumulation_steps"]
+        saved["batch_in_epoch"] = saved["batch_in_epoch"] * n // m
+        saved["gradient_accumulation_steps"] = self.state.gradient_accumulation_steps = accumulation
+        self.schedule.factor = components.build_schedule(self.cfg, self.optimizer, self._size_steps()).factor
+        self.log.info(f"elastic resume: the checkpoint was written by {n} process(es), this run has {m}: "
+                      f"gradient_accumulation_steps {before} -> {accumulation} keeps the global batch "
+                      f"({n * before} micro-batches per optimizer step); exact up to floating-point reduction order")
+        batches = math.ceil(len(self.data.train) / self.cfg.data.batch_size)
+        steps_then = math.ceil(math.ceil(batches / n) / before)
+        if steps_then != self.steps_per_epoch:
+            self.log.info(f"elastic resume: an epoch has {self.steps_per_epoch} optimizer steps now, {steps_then} "
+                          f"with {n} process(es) (its last batches split differently)")
+        return {**parts, "trainer": saved}
 
     # ---------------------------------------------------------------- logging
 
@@ -423,6 +535,13 @@ class Trainer:
 
     def _finish(self, status):
         self.progress.close()
+        if status != "failed":
+            self.wait_for_checkpoint()
+        else:  # an error is on its way out already; the others may never reach a barrier
+            try:
+                self.background_save.wait()
+            except Exception as exc:
+                self.log.info(f"the checkpoint being written in the background failed too: {exc}")
         checkpoint.wait_for_discards()
         self.callbacks.fire(Event.ON_TRAIN_END, self, status)
         self.log.info(f"training {status} after {self.epoch} epochs, {self.global_step} optimizer steps")
@@ -431,3 +550,16 @@ class Trainer:
         self.log.close()
         if status != "failed":  # after a failure on one process, the others may never arrive
             self.accelerator.wait_for_everyone()
+
+
+class _Recorded:
+    """A value kept in checkpoints for readers (the dataset's metadata); loading it changes nothing."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def state_dict(self):
+        return self.value
+
+    def load_state_dict(self, state):
+        pass

@@ -82,7 +82,7 @@ def test_exact_resume_after_sigterm_one_process(config_file, straight_run, tmp_p
     first = run_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "first.json", run,
                           "--stop-at-step", stop_at_step)
     assert first.returncode == PREEMPTED_EXIT_CODE, first.stderr[-3000:]
-    state = checkpoint.read_state(tmp_path / "run/checkpoints/last")
+    state = checkpoint.read_state(tmp_path / "run/checkpoints/last")["trainer"]
     assert state["global_step"] == stop_at_step and state["batch_in_epoch"] > 0
     assert json.loads((tmp_path / "first.json").read_text())["status"] == "preempted"
 
@@ -101,7 +101,7 @@ def test_exact_resume_from_an_epoch_end_checkpoint(config_file, straight_run, tm
                           "--stop-at-step", 7)
     assert first.returncode == PREEMPTED_EXIT_CODE, first.stderr[-3000:]
     epoch_end = tmp_path / "run/checkpoints/step_00000003"
-    assert checkpoint.read_state(epoch_end)["batch_in_epoch"] == 0
+    assert checkpoint.read_state(epoch_end)["trainer"]["batch_in_epoch"] == 0
     second = run_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "p.json", run,
                            "--resume_from_checkpoint", epoch_end)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -118,19 +118,12 @@ def test_exact_resume_two_processes(config_file, tmp_path):
                                    "training.gradient_accumulation_steps=1", "--stop-at-step", 1)
     assert json.loads((tmp_path / "r/first.json").read_text())["status"] == "preempted", first.stderr[-3000:]
     # The processes agree one step after the signal (an asynchronous all-reduce): they stop after step 2.
-    state = checkpoint.read_state(tmp_path / "r/run/checkpoints/last")
+    state = checkpoint.read_state(tmp_path / "r/run/checkpoints/last")["trainer"]
     assert state["world_size"] == 2 and state["global_step"] == 2 and state["batch_in_epoch"] == 2, state
     second = launch_2_cpu_processes(PROBE, "--config", config_file, "--probe", tmp_path / "r/p.json", run,
                                     "training.gradient_accumulation_steps=1", "--resume_from_checkpoint", "latest")
     assert second.returncode == 0, second.stderr[-3000:]
     assert_resumed_equals_straight(tmp_path / "s", tmp_path / "r")
-
-    # The same checkpoint in one process: refused, with the fix in the message.
-    refused = run_1_process(ROOT / "train.py", "--config", config_file, f"output.dir={tmp_path / 'one'}",
-                            "training.gradient_accumulation_steps=1", "--resume_from_checkpoint",
-                            tmp_path / "r/run/checkpoints/last")
-    assert refused.returncode == 2
-    assert "written by 2 process(es) and this run has 1" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_sigkill_while_writing_a_checkpoint_loses_nothing(config_file, straight_run, tmp_path):
@@ -150,7 +143,7 @@ def test_sigkill_while_writing_a_checkpoint_loses_nothing(config_file, straight_
     assert proc.returncode == -signal.SIGKILL
     ckpts = tmp_path / "run/checkpoints"
     assert any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
-    assert checkpoint.read_state(ckpts / "last")["global_step"] == 3  # epoch 1's, untouched
+    assert checkpoint.read_state(ckpts / "last")["trainer"]["global_step"] == 3  # epoch 1's, untouched
 
     resumed = run_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "p.json", run,
                             "--resume_from_checkpoint", "latest")
@@ -169,7 +162,7 @@ def test_external_sigterm_saves_the_current_step_and_exits_75(config_file, strai
             break
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
-    stopped_at = checkpoint.read_state(tmp_path / "run/checkpoints/last")["global_step"]
+    stopped_at = checkpoint.read_state(tmp_path / "run/checkpoints/last")["trainer"]["global_step"]
     assert 4 <= stopped_at < 9
     assert json.loads((tmp_path / "first.json").read_text())["global_step"] == stopped_at
     resumed = run_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "p.json", run,
@@ -212,9 +205,9 @@ def test_retention_keeps_two_newest_periodic_plus_best_and_last(tmp_path):
     with open(tmp_path / "run/metrics.csv", newline="") as f:
         val = [(float(r["val_loss"]), int(r["epoch"])) for r in csv.DictReader(f)]
     best_loss, best_epoch = min(val)
-    best = checkpoint.read_state(ckpts / "best")
+    best = checkpoint.read_state(ckpts / "best")["trainer"]
     assert best["epoch"] == best_epoch and best["best_value"] == best_loss
-    assert checkpoint.read_state(ckpts / "last")["epoch"] == 10
+    assert checkpoint.read_state(ckpts / "last")["trainer"]["epoch"] == 10
     for folder in ckpts.iterdir():
         checkpoint.verify(folder)
 
@@ -249,7 +242,7 @@ def test_stopping_inside_an_epoch_checkpoints_that_position(tmp_path):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     Trainer(small_cfg(tmp_path / "r", epochs=3), callbacks=[StopAtStep(6)]).train()
-    state = checkpoint.read_state(tmp_path / "r/run/checkpoints/last")
+    state = checkpoint.read_state(tmp_path / "r/run/checkpoints/last")["trainer"]
     assert (state["epoch"], state["batch_in_epoch"], state["global_step"]) == (1, 2, 6)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -336,15 +329,21 @@ def test_checkpoint_of_another_model_names_the_parameters(finished_run):
 
 
 def test_older_checkpoint_without_newer_keys_loads_with_defaults(finished_run):
+    """A format-1 trainer_state.json (flat keys, before the state registry) with only its required keys."""
     last = finished_run / "checkpoints/last"
-    state = json.loads((last / "trainer_state.json").read_text())
-    for key in ("bad_validations", "callbacks", "epoch_stats", "dataset", "batch_in_epoch", "best_value"):
-        del state[key]
-    (last / "trainer_state.json").write_text(json.dumps(state))
+    parts = json.loads((last / "trainer_state.json").read_text())["parts"]
+    legacy = {"format": 1, "epoch": parts["trainer"]["epoch"], "global_step": parts["trainer"]["global_step"],
+              "world_size": 1, "schedule": parts["schedule"]}
+    assert legacy["epoch"] == 2 and legacy["global_step"] == 8
+    (last / "trainer_state.json").write_text(json.dumps(legacy))
     manifest = json.loads((last / "manifest.json").read_text())
     manifest["files"]["trainer_state.json"] = {"size": (last / "trainer_state.json").stat().st_size,
                                               "sha256": checkpoint.files.sha256(last / "trainer_state.json")}
     (last / "manifest.json").write_text(json.dumps(manifest))
+    state = checkpoint.read_state(last)
+    assert state["trainer"] == {"epoch": 2, "batch_in_epoch": 0, "global_step": 8, "world_size": 1,
+                                "best_value": None, "bad_validations": 0}
+    assert state["callbacks"] == {} and state["dataset"] == {} and "epoch_stats" not in state
     result = resume_cli(finished_run)
     assert result.returncode == 0, result.stderr[-2000:]
     with open(finished_run / "metrics.csv", newline="") as f:

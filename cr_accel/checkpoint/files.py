@@ -9,11 +9,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import UserError
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used: missing, incomplete, tampered with, or for another model."""
+from ..errors import CheckpointError  # noqa: F401  (re-exported: the checkpoint modules raise it)
 
 
 def list_files(folder):

@@ -1,4 +1,4 @@
-"""Checkpoints that never lose work: atomic, verified, and read back without unpickling anything.
+"""The checkpoint folders of a run: saving, publishing, rotation, recovery, verification.
 
 Layout of `output.dir/checkpoints/`:
 
@@ -7,55 +7,41 @@ Layout of `output.dir/checkpoints/`:
     best/               the state with the best checkpoint.monitor so far
     .tmp-*/             being written; never read, removed at the next start
 
-Each folder holds accelerate's `save_state` files (model.safetensors, optimizer.bin, random_states_<rank>.pkl,
-scaler.pt with fp16), `trainer_state.json` (counters, data position, callbacks' state, dataset metadata),
-`config.yaml` (the resolved config) and, written last, `manifest.json` (every file's size and sha256, the
-cr_accel version and world size). A folder is complete exactly when its manifest is there.
+Each folder holds accelerate's files in the layout of the run's distributed type (see layouts.py),
+`trainer_state.json` (and `trainer_state.safetensors` when a part holds tensors), `config.yaml` and,
+written last, `manifest.json` (every file's size and sha256, recursively through folders, the cr_accel
+version and world size). A folder is complete exactly when its manifest is there.
 
-Writing: every process writes into `.tmp-<name>`; after a barrier the main process hashes the files, writes
-the manifest and renames the folder into place. `best/` and `last/` are replaced in two renames
-(`last` -> `.old-last`, `.tmp-...` -> `last`) and a start-up recovery puts `.old-last` back if a crash fell
-between them, so at every moment an earlier complete checkpoint exists. The same files go into several
-folders as hard links, not copies.
+Writing: every process writes into `.tmp-<name>` (in the background with asynchronous saves); every
+file is fsynced; then the main process hashes the files, writes the manifest and renames the folder into
+place. `best/` and `last/` are replaced in two renames (`last` -> `.old-last`, `.tmp-...` -> `last`) and
+a start-up recovery puts `.old-last` back if a crash fell between them, so at every moment an earlier
+complete checkpoint exists. The same files go into several folders as hard links, not copies.
 """
 
 import itertools
-import json
-import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from .files import CheckpointError, fsync_file, link_copy, read_json, sha256_all, write_json
+from .. import state as state_registry
+from . import layouts
+from .files import CheckpointError, fsync_file, fsync_tree, link_copy, list_files, read_json, sha256_all, write_json
 
 MANIFEST = "manifest.json"
-STATE = "trainer_state.json"
-CONFIG = "config.yaml"
-FORMAT = 1
+STATE = layouts.TRAINER_STATE
+TENSORS = layouts.TRAINER_TENSORS
+CONFIG = layouts.CONFIG
+FORMAT = 1  # of the manifest
 NAMED = ("last", "best")
 _trash_counter = itertools.count()
 _discarding = []  # deletion threads still running
 _POOL = re.compile(r"^step_(\d{8})$")
-# Files a checkpoint may hold; anything else (an extra pickle, say) makes it untrusted.
-_ALLOWED = re.compile(
-    r"^(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin|random_states_\d+\.pkl|scaler\.pt|"
-    + re.escape(STATE) + "|" + re.escape(CONFIG) + ")$"
-)
-
-# trainer_state.json keys that later versions added, with the value that reproduces older behaviour.
-STATE_DEFAULTS = {
-    "batch_in_epoch": 0,  # format 1 always has it; a checkpoint without it was taken at an epoch end
-    "best_value": None,
-    "bad_validations": 0,
-    "callbacks": {},
-    "epoch_stats": None,
-    "dataset": {},
-}
-STATE_REQUIRED = ("format", "epoch", "global_step", "world_size", "schedule")
+_WRITTEN = ".written-"
 
 
 class Checkpoints:
@@ -81,49 +67,85 @@ class Checkpoints:
                 shutil.rmtree(leftover)
         self.accelerator.wait_for_everyone()
 
-    def newest_first(self):
-        """Complete checkpoints, the highest global step first (`last` first among equals)."""
-        candidates = []
-        for path in self.complete():
-            try:
-                candidates.append((read_state(path)["global_step"], path.name == "last", path))
-            except CheckpointError:
-                continue
-        return [c[2] for c in sorted(candidates, key=lambda c: c[:2], reverse=True)]
-
-    def complete(self):
+    def entries(self):
+        """Everything visible in the checkpoint folder: a run whose folder holds anything has checkpoints,
+        usable or not, and must never silently start over."""
         if not self.root.is_dir():
             return []
-        return [p for p in sorted(self.root.iterdir()) if (p.name in NAMED or _POOL.match(p.name)) and is_complete(p)]
+        return [p for p in sorted(self.root.iterdir()) if not p.name.startswith(".")]
+
+    def newest_first(self):
+        """(path, problem) for every visible entry: complete checkpoints by global step, highest first (`last`
+        first among equals), then whatever cannot be a checkpoint, with the reason."""
+        ranked, unusable = [], []
+        for path in self.entries():
+            if not (path.name in NAMED or _POOL.match(path.name)) or not path.is_dir():
+                unusable.append((path, "not a checkpoint folder (expected step_XXXXXXXX, last or best)"))
+            elif not is_complete(path):
+                unusable.append((path, f"incomplete: it has no {MANIFEST}"))
+            else:
+                try:
+                    step = read_state(path)["trainer"]["global_step"]
+                    ranked.append((step, path.name == "last", path))
+                except CheckpointError as exc:
+                    unusable.append((path, str(exc)))
+        return [(c[2], None) for c in sorted(ranked, key=lambda c: c[:2], reverse=True)] + unusable
+
+    def complete(self):
+        return [p for p in self.entries() if (p.name in NAMED or _POOL.match(p.name)) and is_complete(p)]
 
     # ------------------------------------------------------------ saving
 
-    def save(self, state, config_yaml, targets):
-        """Write the full training state once and publish it under each of `targets` (`periodic`, `last`,
-        `best`). Called on every process. Returns the published folders."""
-        acc = self.accelerator
-        step = state["global_step"]
+    def prepare_folder(self, step):
+        """A fresh hidden folder for the checkpoint of `step`; called on every process."""
         tmp = self.root / f".tmp-step_{step:08d}"
-        if acc.is_main_process:
+        if self.accelerator.is_main_process:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        if acc.is_main_process:
-            write_json(tmp / STATE, state)
-            (tmp / CONFIG).write_text(config_yaml)
-        acc.wait_for_everyone()  # every process has finished writing its files
-        names = [f"step_{step:08d}" if t == "periodic" else t for t in targets]
-        if acc.is_main_process:
-            _write_manifest(tmp, state)
-            for i, name in enumerate(names):
-                source = tmp if i == len(names) - 1 else link_copy(tmp, self.root / f".tmp-link-{name}")
-                _publish(source, self.root / name)
-            if "periodic" in targets:
-                self._rotate()
-        acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
+        return tmp
+
+    def write_own_files(self, tmp, state, config_yaml):
+        """trainer_state.json (+ .safetensors), config.yaml; main process. `state` is (parts, tensors)."""
+        from .. import __version__
+
+        if not self.accelerator.is_main_process:
+            return
+        parts, tensors = state
+        write_json(tmp / STATE, {"format": state_registry.FORMAT, "cr_accel_version": __version__, "parts": parts})
+        if tensors:
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp / TENSORS))
+        (tmp / CONFIG).write_text(config_yaml)
+
+    def publish(self, tmp, targets, summary):
+        """Main process: hash, write the manifest, and make the folder visible under every target (`periodic`,
+        `last`, `best`). Every file of every process must be on disk and fsynced already."""
+        names = self.target_names(summary["global_step"], targets)
+        _write_manifest(tmp, summary)
+        for i, name in enumerate(names):
+            source = tmp if i == len(names) - 1 else link_copy(tmp, self.root / f".tmp-link-{name}")
+            _publish(source, self.root / name)
+        if "periodic" in targets:
+            self._rotate()
         return [self.root / name for name in names]
+
+    def mark_written(self, tmp, process_index):
+        """An asynchronous save's sign that this process's files are on disk (the main process waits for all
+        of them before publishing; no collective call is safe from a background thread)."""
+        (tmp / f"{_WRITTEN}{process_index}").touch()
+
+    def wait_for_marks(self, tmp, world_size, poll_s=0.02):
+        marks = [tmp / f"{_WRITTEN}{rank}" for rank in range(world_size)]
+        while not all(m.exists() for m in marks):
+            time.sleep(poll_s)
+        for mark in marks:
+            mark.unlink()
+
+    def target_names(self, step, targets):
+        return [f"step_{step:08d}" if t == "periodic" else t for t in targets]
 
     def _rotate(self):
         if self.keep_last_n is None:
@@ -141,30 +163,34 @@ def is_complete(path):
 
 
 def verify(path):
-    """Raise CheckpointError unless every file is listed in the manifest, allowed, and unchanged."""
+    """Raise CheckpointError unless every file, through every folder, is listed in the manifest, allowed in
+    the checkpoint's layout, a regular file, and unchanged."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint `{path}` does not exist (or is not a folder)")
     manifest = read_json(path / MANIFEST, path, what="manifest")
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"checkpoint `{path}` has a manifest of an unknown format; it was not written by "
                               f"this version of cr_accel")
     listed = manifest["files"]
-    present = {p.name for p in path.iterdir()} - {MANIFEST}
-    digests = sha256_all([path / name for name in listed if (path / name).is_file()])
+    present = set(list_files(path)) - {MANIFEST}  # refuses links and special files
     for name in sorted(present - set(listed)):
         raise CheckpointError(f"checkpoint `{path}` holds an unexpected file `{name}`; refusing to load it. "
                               "Remove the file if you put it there, or use another checkpoint")
-    for name, entry in sorted(listed.items()):
-        if not _ALLOWED.match(name):
-            raise CheckpointError(f"checkpoint `{path}` lists a file `{name}` that a cr_accel checkpoint never "
-                                  "holds; refusing to load it")
-        file = path / name
-        if not file.is_file():
+    layout = layouts.detect(path)
+    for name in sorted(listed):
+        if not layout.allows(name):
+            raise CheckpointError(f"checkpoint `{path}` lists a file `{name}` that a cr_accel checkpoint "
+                                  f"({layout.name} layout) never holds; refusing to load it")
+        if name not in present:
             raise CheckpointError(f"checkpoint `{path}` is missing `{name}`; use another checkpoint")
-        if file.stat().st_size != entry.get("size"):
+    digests = sha256_all([path / name for name in sorted(listed)])
+    for name, entry in sorted(listed.items()):
+        file = path / name
+        if not isinstance(entry, dict) or file.stat().st_size != entry.get("size"):
+            size = entry.get("size") if isinstance(entry, dict) else None
             raise CheckpointError(f"checkpoint `{path}`: `{name}` has {file.stat().st_size} bytes, the manifest "
-                                  f"says {entry.get('size')} (truncated or changed); use another checkpoint")
+                                  f"says {size} (truncated or changed); use another checkpoint")
         if digests[file] != entry.get("sha256"):
             raise CheckpointError(f"checkpoint `{path}`: `{name}` does not match its checksum (changed or "
                                   "corrupted); use another checkpoint")
@@ -172,36 +198,30 @@ def verify(path):
 
 
 def read_state(path):
-    """trainer_state.json with documented defaults for keys that older checkpoints lack; unknown keys refused."""
-    state = read_json(Path(path) / STATE, path, what="trainer state")
-    missing = [k for k in STATE_REQUIRED if k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint `{path}`: trainer state lacks {', '.join(missing)}")
-    known = set(STATE_REQUIRED) | set(STATE_DEFAULTS) | {"cr_accel_version"}
-    unknown = sorted(set(state) - known)
-    if unknown:
-        raise CheckpointError(f"checkpoint `{path}`: trainer state has unknown keys {', '.join(unknown)} "
-                              "(written by a newer cr_accel?)")
-    if state["format"] > FORMAT:
-        raise CheckpointError(f"checkpoint `{path}` has format {state['format']}; this cr_accel reads up to {FORMAT}")
-    return {**STATE_DEFAULTS, **state}
+    """{part key: state} from trainer_state.json (any format; tensors joined in), strictly checked where
+    the shape is known here; each part checks its own values when it loads."""
+    path = Path(path)
+    parts = state_registry.parts_from_file(read_json(path / STATE, path, what="trainer state"), path)
+    trainer = parts.get("trainer")
+    if not isinstance(trainer, dict):
+        raise CheckpointError(f"checkpoint `{path}`: the trainer state has no `trainer` part")
+    try:
+        state_registry.TrainState().load_state_dict(trainer)  # types checked before anyone relies on them
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint `{path}`: {exc}") from None
+    return parts
 
 
-def check_model_matches(path, model):
-    """Name every parameter whose name or shape differs between the checkpoint and `model`."""
-    from safetensors import safe_open
+def read_tensors(path):
+    file = Path(path) / TENSORS
+    if not file.is_file():
+        return {}
+    from safetensors.torch import load_file
 
-    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
-        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [f"`{k}` is in the checkpoint but not in the model" for k in sorted(set(saved) - set(ours))]
-    problems += [f"`{k}` is in the model but not in the checkpoint" for k in sorted(set(ours) - set(saved))]
-    problems += [f"`{k}` has shape {list(saved[k])} in the checkpoint, {list(ours[k])} in the model"
-                 for k in sorted(set(saved) & set(ours)) if saved[k] != ours[k]]
-    if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise CheckpointError(f"checkpoint `{path}` does not fit the model of this config: {shown}. "
-                              "Use the model section the checkpoint was trained with (its config.yaml)")
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"checkpoint `{path}`: {TENSORS} cannot be read ({exc})") from None
 
 
 def check_rng_restored(path, accelerator):
@@ -209,10 +229,24 @@ def check_rng_restored(path, accelerator):
     from accelerate.utils.other import load  # torch.load(weights_only=True) that also admits NumPy arrays
 
     file = Path(path) / f"random_states_{accelerator.process_index}.pkl"
-    saved = load(file)
-    if not torch.equal(saved["torch_manual_seed"], torch.get_rng_state()):
+    saved = load_refusing_pickles(load, file)
+    if not isinstance(saved, dict) or not torch.equal(saved.get("torch_manual_seed", torch.empty(0)),
+                                                      torch.get_rng_state()):
         raise CheckpointError(f"checkpoint `{path}`: the random state of process {accelerator.process_index} "
                               "could not be restored, so the resume would not be exact")
+
+
+def load_refusing_pickles(loader, *args, **kwargs):
+    """Run a weights-only loader; a pickle it refuses (or a damaged file) is an unusable checkpoint."""
+    import pickle
+
+    try:
+        return loader(*args, **kwargs)
+    except pickle.UnpicklingError:
+        why = "it holds objects that a weights-only load refuses to create (changed, or possibly malicious)"
+    except (EOFError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise CheckpointError(f"checkpoint `{args[0]}` cannot be loaded: {why}. Use another checkpoint")
 
 
 # ---------------------------------------------------------------- helpers
@@ -235,7 +269,7 @@ def _publish(source, final):
 def _discard(folder):
     """Remove a checkpoint folder without making training wait: deleting a GB-sized file blocks for most of
     a second on some file systems. The rename is instant; a crash leaves a `.trash-*` that start-up removes."""
-    trash = folder.parent / f".trash-{folder.name}-{os.getpid()}-{next(_trash_counter)}"
+    trash = folder.parent / f".trash-{folder.name}-{threading.get_native_id()}-{next(_trash_counter)}"
     folder.rename(trash)
     thread = threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True)
     thread.start()
@@ -248,16 +282,29 @@ def wait_for_discards():
         _discarding.pop().join()
 
 
-def _write_manifest(folder, state):
+def _write_manifest(folder, summary):
     from .. import __version__
 
-    paths = [p for p in sorted(folder.iterdir()) if p.is_file()]
-    digests = sha256_all(paths)
-    files = {p.name: {"size": p.stat().st_size, "sha256": digests[p]} for p in paths}
-    manifest = {"format": FORMAT, "cr_accel_version": __version__, "world_size": state["world_size"],
-                "global_step": state["global_step"], "epoch": state["epoch"], "files": files}
+    fsync_tree(folder)  # the data files are durable before the manifest says the checkpoint is complete
+    names = list_files(folder)
+    digests = sha256_all([folder / name for name in names])
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": digests[folder / name]} for name in names}
+    manifest = {"format": FORMAT, "cr_accel_version": __version__, **summary, "files": files}
     write_json(folder / MANIFEST, manifest, fsync=True)
 
+
+def check_model_matches(path, model):
+    """Name every parameter whose name or shape differs between the checkpoint and `model`."""
+    saved = layouts.model_shapes(path)
+    ours = {layouts.plain_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"`{k}` is in the checkpoint but not in the model" for k in sorted(set(saved) - set(ours))]
+    problems += [f"`{k}` is in the model but not in the checkpoint" for k in sorted(set(ours) - set(saved))]
+    problems += [f"`{k}` has shape {list(saved[k])} in the checkpoint, {list(ours[k])} in the model"
+                 for k in sorted(set(saved) & set(ours)) if saved[k] != ours[k]]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"checkpoint `{path}` does not fit the model of this config: {shown}. "
+                              "Use the model section the checkpoint was trained with (its config.yaml)")
 
 
 def load_model(run_dir_or_checkpoint, device="cpu"):
@@ -266,7 +313,7 @@ def load_model(run_dir_or_checkpoint, device="cpu"):
 
         model = cr_accel.load_model("runs/default")
     """
-    from safetensors.torch import load_file
+    import yaml
 
     from ..components import build_model
     from ..config import config_from_dict
@@ -281,5 +328,5 @@ def load_model(run_dir_or_checkpoint, device="cpu"):
     cfg = config_from_dict(yaml.safe_load((path / CONFIG).read_text()), check_components=False)
     model = build_model(cfg)
     check_model_matches(path, model)
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    model.load_state_dict(layouts.load_model_state(path, device=device))
     return model.to(device).eval()

@@ -1,0 +1,145 @@
+"""Asynchronous checkpoint saves: the same files as a synchronous save, training goes on while they are
+written, and a crash or a signal during the write loses nothing."""
+
+import json
+import signal
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cr_accel import checkpoint
+from cr_accel.config import config_from_dict, parse_yaml
+from cr_accel.preemption import PREEMPTED_EXIT_CODE
+from cr_accel.trainer import Trainer
+from tests.runners import PROBE, ROOT, run_1_process, start_1_process
+from tests.test_checkpoint import assert_resumed_equals_straight, assert_same_tensors
+
+
+def raw_config(out):
+    """48 samples, batch 8, accumulation 2 -> 3 optimizer steps per epoch, 3 epochs; dropout on."""
+    raw = parse_yaml((ROOT / "configs" / "default.yaml").read_text())
+    raw["model"].update(dropout=0.2, base_channels=4)
+    raw["data"].update(num_train=48, num_val=12, batch_size=8)
+    raw["training"].update(epochs=3, gradient_accumulation_steps=2, log_every=1)
+    raw["scheduler"].update(warmup_steps=2)
+    raw["checkpoint"].update(save_every=1, keep_last_n=None)
+    raw["output"]["dir"] = str(out)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "async.yaml"
+    path.write_text(yaml.safe_dump(raw_config("unused")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def straight_run(config_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    result = run_1_process(PROBE, "--config", config_file, "--probe", out / "p.json", f"output.dir={out / 'run'}",
+                           "checkpoint.async_save=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def folder_contents(folder):
+    """What a checkpoint holds, read back: tensors, optimizer state and RNG states, trainer state."""
+    from accelerate.utils.other import load
+
+    files = sorted(checkpoint.files.list_files(folder))
+    return {
+        "files": [f for f in files if f != "manifest.json"],
+        "model": load_file(folder / "model.safetensors"),
+        "optimizer": torch.load(folder / "optimizer.bin", weights_only=True),
+        "rng": load(folder / "random_states_0.pkl"),
+        "state": json.loads((folder / "trainer_state.json").read_text()),
+    }
+
+
+def test_async_and_sync_saves_write_the_same_checkpoint(tmp_path):
+    for mode in ("sync", "async"):
+        raw = raw_config(tmp_path / mode)
+        raw["checkpoint"]["async_save"] = mode == "async"
+        raw["checkpoint"]["save_every_steps"] = 2  # mid-epoch saves too (RNG and data position inside an epoch)
+        trainer = Trainer(config_from_dict(raw))
+        assert trainer.async_save == (mode == "async")
+        assert trainer.train() == "finished"
+    for name in ("step_00000002", "step_00000004", "last", "best"):
+        sync, asynchronous = (folder_contents(tmp_path / m / "checkpoints" / name) for m in ("sync", "async"))
+        assert sync["files"] == asynchronous["files"], name
+        for key in ("model", "optimizer", "state"):
+            assert_same_tensors(sync[key], asynchronous[key], f"{name}.{key}")
+        assert torch.equal(sync["rng"]["torch_manual_seed"], asynchronous["rng"]["torch_manual_seed"]), name
+        assert sync["rng"]["random_state"] == asynchronous["rng"]["random_state"], name
+        checkpoint.verify(tmp_path / "async/checkpoints" / name)
+    log = (tmp_path / "async/train.log").read_text()
+    assert "started in the background" in log
+
+
+def read_until(proc, predicate, timeout=120):
+    """Lines of `proc` until `predicate(line)`; fails with what was read when the run ends or time runs out."""
+    seen, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if predicate(line):
+            return seen
+        assert time.time() < deadline, "timed out; output so far:\n" + "".join(seen[-40:])
+    raise AssertionError("the run ended first; output:\n" + "".join(seen[-40:]) + proc.stderr.read()[-3000:])
+
+
+@pytest.mark.parametrize("kill_after_steps", [0, 2])
+def test_sigkill_during_a_background_write_resumes_exactly(config_file, straight_run, tmp_path, kill_after_steps):
+    """The epoch-2 checkpoint (step 6) is being written slowly in the background while training goes on;
+    kill -9 lands 0 or 2 optimizer steps after its write started."""
+    run = f"output.dir={tmp_path / 'run'}"
+    proc = start_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "first.json", run,
+                           "--slow-save", 30)
+    try:
+        read_until(proc, lambda line: line.startswith("WRITING-MANIFEST") and "step_00000006" in line)
+        for step in range(7, 7 + kill_after_steps):  # training goes on while the checkpoint is written
+            read_until(proc, lambda line, s=step: f" step {s}/" in line)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = tmp_path / "run/checkpoints"
+    assert (ckpts / ".tmp-step_00000006").is_dir()  # half written, never visible
+    assert checkpoint.read_state(ckpts / "last")["trainer"]["global_step"] == 3  # the previous one is in use
+
+    resumed = run_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "p.json", run,
+                            "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (tmp_path / "run/train.log").read_text()
+    assert f"resumed from {ckpts / 'last'}: epoch 2, batch 0, step 3" in log
+    assert_resumed_equals_straight(straight_run, tmp_path)
+
+
+def test_sigterm_with_a_write_in_flight_exits_75_after_it_is_published(config_file, straight_run, tmp_path):
+    """Step 3's checkpoint takes 4 s to publish; SIGTERM after step 4 must wait for it, then write and
+    publish step 4's, and only then exit 75."""
+    run = f"output.dir={tmp_path / 'run'}"
+    proc = start_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "first.json", run,
+                           "--slow-save", 4)
+    try:
+        lines = read_until(proc, lambda line: " step 4/" in line)
+        assert any("WRITING-MANIFEST" in line and "step_00000003" in line for line in lines)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr.read()[-3000:]
+    ckpts = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best", "last", "step_00000003"]
+    stopped_at = checkpoint.read_state(ckpts / "last")["trainer"]["global_step"]
+    assert stopped_at in (4, 5)  # the step after the signal (the probe's progress line comes before the vote)
+    for folder in ckpts.iterdir():
+        checkpoint.verify(folder)
+    resumed = run_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "p.json", run,
+                            "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_resumed_equals_straight(straight_run, tmp_path)
