@@ -28,7 +28,6 @@ import threading
 from pathlib import Path
 
 import torch
-import yaml
 
 from .files import CheckpointError, fsync_file, link_copy, read_json, sha256_all, write_json
 
@@ -187,23 +186,6 @@ def read_state(path):
     return {**STATE_DEFAULTS, **state}
 
 
-def check_model_matches(path, model):
-    """Name every parameter whose name or shape differs between the checkpoint and `model`."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
-        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [f"`{k}` is in the checkpoint but not in the model" for k in sorted(set(saved) - set(ours))]
-    problems += [f"`{k}` is in the model but not in the checkpoint" for k in sorted(set(ours) - set(saved))]
-    problems += [f"`{k}` has shape {list(saved[k])} in the checkpoint, {list(ours[k])} in the model"
-                 for k in sorted(set(saved) & set(ours)) if saved[k] != ours[k]]
-    if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise CheckpointError(f"checkpoint `{path}` does not fit the model of this config: {shown}. "
-                              "Use the model section the checkpoint was trained with (its config.yaml)")
-
-
 def check_rng_restored(path, accelerator):
     """accelerate swallows RNG load failures; a resume that is not exact must not pass silently."""
     from accelerate.utils.other import load  # torch.load(weights_only=True) that also admits NumPy arrays
@@ -257,29 +239,3 @@ def _write_manifest(folder, state):
     manifest = {"format": FORMAT, "cr_accel_version": __version__, "world_size": state["world_size"],
                 "global_step": state["global_step"], "epoch": state["epoch"], "files": files}
     write_json(folder / MANIFEST, manifest, fsync=True)
-
-
-
-def load_model(run_dir_or_checkpoint, device="cpu"):
-    """The trained model, ready for inference, from a run folder (its best checkpoint, else its last) or a
-    checkpoint folder: no trainer, optimizer or data needed.
-
-        model = cr_accel.load_model("runs/default")
-    """
-    from safetensors.torch import load_file
-
-    from ..components import build_model
-    from ..config import config_from_dict
-
-    path = Path(run_dir_or_checkpoint)
-    if (path / "checkpoints").is_dir():
-        found = [path / "checkpoints" / n for n in ("best", "last") if is_complete(path / "checkpoints" / n)]
-        if not found:
-            raise CheckpointError(f"run `{path}` has no complete best/ or last/ checkpoint yet")
-        path = found[0]
-    verify(path)
-    cfg = config_from_dict(yaml.safe_load((path / CONFIG).read_text()), check_components=False)
-    model = build_model(cfg)
-    check_model_matches(path, model)
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
-    return model.to(device).eval()
