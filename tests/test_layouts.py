@@ -371,7 +371,7 @@ def test_per_rank_fsdp_files_are_detected_and_refused_clearly(tmp_path):
     assert all(FSDP_SHARDED_LOCAL.allows(f) for f in list_files(tmp_path))
     assert FSDP_SHARDED_LOCAL.allows("pytorch_model_fsdp_0_rank1.bin")  # use_dcp=False names
     assert FSDP_SHARDED_LOCAL.allows("optimizer_0_rank1.bin") and not FSDP_SHARDED_LOCAL.allows("optimizer.bin")
-    with pytest.raises(CheckpointError, match="per-rank FSDP shards .* SHARDED_STATE_DICT or FULL_STATE_DICT"):
+    with pytest.raises(CheckpointError, match="per-rank FSDP shards .* SHARDED_STATE_DICT .* or FULL_STATE_DICT"):
         model_shapes(tmp_path)
 
 
@@ -446,6 +446,14 @@ def test_tampered_torch_files_are_refused_without_running_them(tmp_path, fake_de
     assert not marker.exists()
     if tamper == "pickle_with_code":  # the reason shown is the refused global, not torch's weights_only=False hint
         assert "refers to `posix.system`" in str(refused.value) and "set to `False`" not in str(refused.value)
+
+
+def test_a_damaged_safetensors_file_is_refused(tmp_path):
+    write_plain(tmp_path, trained_net().state_dict())
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    for read in (model_shapes, load_model_state):
+        with pytest.raises(CheckpointError, match="`model.safetensors` is not a safetensors file"):
+            read(tmp_path)
 
 
 def test_a_bin_that_is_not_a_state_dict_is_refused(tmp_path):

@@ -26,6 +26,7 @@ import math
 import pickle
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,7 @@ def _plain_shapes(folder):
 
     if not (folder / "model.safetensors").is_file():
         return _shapes_of(_bin_state(folder, "pytorch_model.bin"))
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+    with _safetensors_errors(folder), safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         return {plain_name(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
@@ -175,7 +176,19 @@ def _plain_state(folder):
 
     if not (folder / "model.safetensors").is_file():
         return _clone(_bin_state(folder, "pytorch_model.bin"))
-    return {plain_name(k): v for k, v in load_file(folder / "model.safetensors").items()}
+    with _safetensors_errors(folder):
+        return {plain_name(k): v for k, v in load_file(folder / "model.safetensors").items()}
+
+
+@contextmanager
+def _safetensors_errors(checkpoint):
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"checkpoint `{checkpoint}`: `model.safetensors` is not a safetensors file "
+                              f"({_reason(exc)}); use another checkpoint") from None
 
 
 def _clone(state):
@@ -194,8 +207,8 @@ def _fsdp_full_state(folder):
 def _fsdp_local(folder):
     raise CheckpointError(
         f"checkpoint `{folder}` holds per-rank FSDP shards (pytorch_model_fsdp*_rank<R>.bin: LOCAL_STATE_DICT or "
-        "use_dcp=False), which hold flat parameter pieces that cr_accel does not reassemble. Resume it with the "
-        "same FSDP setup, or train with fsdp_state_dict_type SHARDED_STATE_DICT or FULL_STATE_DICT")
+        "use_dcp=False): pieces of flattened parameters that cr_accel does not reassemble, so it cannot check or "
+        "load this model. Train with fsdp_state_dict_type SHARDED_STATE_DICT (the default) or FULL_STATE_DICT")
 
 
 # ---------------------------------------------------------------- fsdp_sharded: torch.distributed.checkpoint
