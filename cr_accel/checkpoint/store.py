@@ -177,13 +177,13 @@ def verify(path):
     for name in sorted(present - set(listed)):
         raise CheckpointError(f"checkpoint `{path}` holds an unexpected file `{name}`; refusing to load it. "
                               "Remove the file if you put it there, or use another checkpoint")
+    for name in sorted(set(listed) - present):
+        raise CheckpointError(f"checkpoint `{path}` is missing `{name}`; use another checkpoint")
     layout = layouts.detect(path)
     for name in sorted(listed):
         if not layout.allows(name):
             raise CheckpointError(f"checkpoint `{path}` lists a file `{name}` that a cr_accel checkpoint "
                                   f"({layout.name} layout) never holds; refusing to load it")
-        if name not in present:
-            raise CheckpointError(f"checkpoint `{path}` is missing `{name}`; use another checkpoint")
     digests = sha256_all([path / name for name in sorted(listed)])
     for name, entry in sorted(listed.items()):
         file = path / name
@@ -291,42 +291,3 @@ def _write_manifest(folder, summary):
     files = {name: {"size": (folder / name).stat().st_size, "sha256": digests[folder / name]} for name in names}
     manifest = {"format": FORMAT, "cr_accel_version": __version__, **summary, "files": files}
     write_json(folder / MANIFEST, manifest, fsync=True)
-
-
-def check_model_matches(path, model):
-    """Name every parameter whose name or shape differs between the checkpoint and `model`."""
-    saved = layouts.model_shapes(path)
-    ours = {layouts.plain_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [f"`{k}` is in the checkpoint but not in the model" for k in sorted(set(saved) - set(ours))]
-    problems += [f"`{k}` is in the model but not in the checkpoint" for k in sorted(set(ours) - set(saved))]
-    problems += [f"`{k}` has shape {list(saved[k])} in the checkpoint, {list(ours[k])} in the model"
-                 for k in sorted(set(saved) & set(ours)) if saved[k] != ours[k]]
-    if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise CheckpointError(f"checkpoint `{path}` does not fit the model of this config: {shown}. "
-                              "Use the model section the checkpoint was trained with (its config.yaml)")
-
-
-def load_model(run_dir_or_checkpoint, device="cpu"):
-    """The trained model, ready for inference, from a run folder (its best checkpoint, else its last) or a
-    checkpoint folder: no trainer, optimizer or data needed.
-
-        model = cr_accel.load_model("runs/default")
-    """
-    import yaml
-
-    from ..components import build_model
-    from ..config import config_from_dict
-
-    path = Path(run_dir_or_checkpoint)
-    if (path / "checkpoints").is_dir():
-        found = [path / "checkpoints" / n for n in ("best", "last") if is_complete(path / "checkpoints" / n)]
-        if not found:
-            raise CheckpointError(f"run `{path}` has no complete best/ or last/ checkpoint yet")
-        path = found[0]
-    verify(path)
-    cfg = config_from_dict(yaml.safe_load((path / CONFIG).read_text()), check_components=False)
-    model = build_model(cfg)
-    check_model_matches(path, model)
-    model.load_state_dict(layouts.load_model_state(path, device=device))
-    return model.to(device).eval()

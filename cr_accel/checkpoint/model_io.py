@@ -1,0 +1,47 @@
+"""The model of a checkpoint, whatever layout accelerate wrote it in: checking it fits, loading it for inference."""
+
+from pathlib import Path
+
+import yaml
+
+from .files import CheckpointError
+from .layouts import load_model_state, model_shapes, plain_name
+from .store import CONFIG, is_complete, verify
+
+
+def check_model_matches(path, model):
+    """Name every parameter whose name or shape differs between the checkpoint and `model` (plain names on both
+    sides, so a compiled or DDP-wrapped model matches the checkpoint of an unwrapped one)."""
+    saved = model_shapes(path)
+    ours = {plain_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"`{k}` is in the checkpoint but not in the model" for k in sorted(set(saved) - set(ours))]
+    problems += [f"`{k}` is in the model but not in the checkpoint" for k in sorted(set(ours) - set(saved))]
+    problems += [f"`{k}` has shape {list(saved[k])} in the checkpoint, {list(ours[k])} in the model"
+                 for k in sorted(set(saved) & set(ours)) if saved[k] != ours[k]]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"checkpoint `{path}` does not fit the model of this config: {shown}. "
+                              "Use the model section the checkpoint was trained with (its config.yaml)")
+
+
+def load_model(run_dir_or_checkpoint, device="cpu"):
+    """The trained model, ready for inference, from a run folder (its best checkpoint, else its last) or a
+    checkpoint folder: no trainer, optimizer or data needed.
+
+        model = cr_accel.load_model("runs/default")
+    """
+    from ..components import build_model
+    from ..config import config_from_dict
+
+    path = Path(run_dir_or_checkpoint)
+    if (path / "checkpoints").is_dir():
+        found = [path / "checkpoints" / n for n in ("best", "last") if is_complete(path / "checkpoints" / n)]
+        if not found:
+            raise CheckpointError(f"run `{path}` has no complete best/ or last/ checkpoint yet")
+        path = found[0]
+    verify(path)
+    cfg = config_from_dict(yaml.safe_load((path / CONFIG).read_text()), check_components=False)
+    model = build_model(cfg)
+    check_model_matches(path, model)
+    model.load_state_dict(load_model_state(path, device))
+    return model.to(device).eval()
