@@ -176,6 +176,9 @@ class Trainer:
                       f"parameters | {len(self.data.train)} train / {len(self.data.val)} val samples | "
                       f"{self.steps_per_epoch} optimizer steps per epoch, {self.total_steps} in total")
         self.log.info("hyperparameters:\n" + self.config_yaml.rstrip(), console=False)
+        if self.cfg.checkpoint.async_save and not self.async_save:
+            self.log.info(f"checkpoints are saved synchronously: under {self.accelerator.distributed_type} the "
+                          "engine writes them itself, so there is no state to copy and write in the background")
 
     # ---------------------------------------------------------------- the loop
 
