@@ -14,12 +14,14 @@ other ranks.
 """
 
 import hashlib
+import math
 import random
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, store
+from . import components
+from .checkpoint import CheckpointError, check_model_matches, check_rng_restored, store
 from .checkpoint.store import load_refusing_pickles
 
 
@@ -72,3 +74,90 @@ def load_accelerate_state(accelerator, path):
 def verify_and_read(path):
     store.verify(path)
     return store.read_state(path), store.read_tensors(path)
+
+
+class ResumeMixin:
+    """The Trainer's resume: the candidates tried in order, each loaded on every process or on none."""
+
+    def _resume(self, where):
+        """Load `where` (a folder, or `latest`): see the module's docstring for what is tried and refused."""
+        rejected = []
+        for path, problem in candidates(self.checkpoints, where):
+            try:
+                if problem is not None:
+                    raise CheckpointError(problem)
+                self._load_checkpoint(path)
+            except CheckpointError as exc:
+                if where != "latest":
+                    raise
+                rejected.append((path, exc))
+                continue
+            for skipped, why in rejected:  # logged only now: a refused resume leaves the log untouched
+                self.log.info(f"skipping checkpoint {skipped}: {why}")
+            self.csv.keep_epochs(self.epoch)  # rows logged after the checkpoint are re-run now
+            self.log.info(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
+                          f"step {self.global_step}")
+            return
+        if rejected:
+            raise CheckpointError(
+                f"--resume_from_checkpoint latest: none of the {len(rejected)} entries in {self.checkpoints.root} "
+                "can be used, and starting over would throw their work away:\n  - "
+                + "\n  - ".join(f"{p.name}: {why}" for p, why in rejected)
+                + "\nRepair or remove them, pass one explicitly, or start a new run in another output.dir")
+        self.log.info(f"no complete checkpoint in {self.checkpoints.root} (it holds none at all): starting from scratch")
+        self.csv.keep_epochs(0)
+
+    def _load_checkpoint(self, path):
+        """Load one checkpoint on every process, or raise CheckpointError on every process."""
+        acc = self.accelerator
+        problem, loaded = None, None
+        try:
+            loaded = self._read_checkpoint(path)
+        except CheckpointError as exc:
+            problem = str(exc)
+        problems = agree(acc, problem)
+        if problems:
+            raise CheckpointError(problems[0])
+        parts, tensors, accumulation = loaded
+        trainer_part = parts["trainer"]
+        elastic = trainer_part["world_size"] != acc.num_processes
+        if elastic:
+            parts = self._rescale_for_world_size(parts, accumulation)
+        self.registry.load_state_dict(parts, tensors)
+        self.state.world_size = acc.num_processes
+        self.state.gradient_accumulation_steps = self.accumulation  # what this run uses (the config's, or scaled)
+        if elastic:
+            reseed(self.cfg.seed, acc.process_index, self.global_step)
+        self._resumed_mid_epoch = self.batch_in_epoch > 0
+
+    def _read_checkpoint(self, path):
+        """Everything that can refuse a checkpoint, before any of this run's state changes."""
+        acc = self.accelerator
+        parts, tensors = verify_and_read(path)
+        saved = parts["trainer"]
+        # Checkpoints from before the registry ran with the config's accumulation.
+        accumulation = saved.setdefault("gradient_accumulation_steps", self.cfg.training.gradient_accumulation_steps)
+        if saved["world_size"] != acc.num_processes:
+            accumulation = elastic_accumulation(saved["world_size"], accumulation, acc.num_processes)
+        check_model_matches(path, acc.unwrap_model(self.model))
+        load_accelerate_state(acc, path)
+        if saved["world_size"] == acc.num_processes:
+            check_rng_restored(path, acc)
+        return parts, tensors, accumulation
+
+    def _rescale_for_world_size(self, parts, accumulation):
+        """The trainer part of a checkpoint from N processes, for this run's M: the same global position."""
+        saved = dict(parts["trainer"])
+        n, m, before = saved["world_size"], self.accelerator.num_processes, saved["gradient_accumulation_steps"]
+        saved["batch_in_epoch"] = saved["batch_in_epoch"] * n // m
+        saved["gradient_accumulation_steps"] = self.state.gradient_accumulation_steps = accumulation
+        self.schedule.factor = components.build_schedule(self.cfg, self.optimizer, self._size_steps()).factor
+        self.log.info(f"elastic resume: the checkpoint was written by {n} process(es), this run has {m}: "
+                      f"gradient_accumulation_steps {before} -> {accumulation} keeps the global batch "
+                      f"({n * before} micro-batches per optimizer step); exact up to floating-point reduction order")
+        batches = math.ceil(len(self.data.train) / self.cfg.data.batch_size)
+        steps_then = math.ceil(math.ceil(batches / n) / before)
+        if steps_then != self.steps_per_epoch:
+            self.log.info(f"elastic resume: an epoch has {self.steps_per_epoch} optimizer steps now, {steps_then} "
+                          f"with {n} process(es) (its last batches split differently)")
+        return {**parts, "trainer": saved}

@@ -16,14 +16,16 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from . import checkpoint, components, resume
+from . import checkpoint, components
 from .callbacks import CallbackList, Event
-from .checkpoint.async_writer import BackgroundSave, snapshot_supported, take_snapshot
+from .checkpoint.async_writer import BackgroundSave, snapshot_supported
 from .environment import describe_environment, make_accelerator
 from .models import count_parameters
 from .preemption import Preemption
 from .progress import Progress
+from .resume import ResumeMixin
 from .run_log import MetricsCSV, TextLog
+from .saving import SavingMixin
 from .state import StateRegistry, TrainState
 from .step_stats import EpochStatsState, StepStats
 from .tracking import EpochTrackers
@@ -46,7 +48,7 @@ class _Counter:
         setattr(trainer.state, self.name, value)
 
 
-class Trainer:
+class Trainer(SavingMixin, ResumeMixin):
     epoch = _Counter()  # the epoch running, or the next one to run (0-based)
     batch_in_epoch = _Counter()  # micro-batches of `epoch` already trained on, per process
     global_step = _Counter()  # optimizer steps done
@@ -370,58 +372,6 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self, targets):
-        """Save the full state at this optimizer-step boundary into `targets` (periodic, last, best). With
-        asynchronous saves only the copy into host memory happens here; the write runs in the background."""
-        started = time.perf_counter()
-        self.background_save.wait()  # at most one save in flight
-        self._announce_checkpoints()
-        ckpts, acc = self.checkpoints, self.accelerator
-        state = self.registry.state_dict()
-        summary = {"world_size": acc.num_processes, "global_step": self.global_step, "epoch": self.epoch}
-        tmp = ckpts.prepare_folder(self.global_step)
-        if self.async_save:
-            snapshot = take_snapshot(acc)
-            self.background_save.start(lambda: self._write_snapshot(snapshot, tmp, state, targets, summary))
-        else:
-            acc.save_state(str(tmp))
-            ckpts.write_own_files(tmp, state, self.config_yaml)
-            acc.wait_for_everyone()  # every process has written its files
-            if acc.is_main_process:
-                ckpts.publish(tmp, targets, summary)
-            acc.wait_for_everyone()
-        paths = [ckpts.root / name for name in ckpts.target_names(self.global_step, targets)]
-        how = "started in the background" if self.async_save else "written"
-        self.log.info(f"checkpoint at step {self.global_step} -> {', '.join(p.name for p in paths)} {how} "
-                      f"({time.perf_counter() - started:.2f} s)", console=False)
-        self._unannounced += paths
-        if not self.async_save:
-            self._announce_checkpoints()
-        return paths
-
-    def _write_snapshot(self, snapshot, tmp, state, targets, summary):
-        """The background half of an asynchronous save: this process's files, then (main) publishing once
-        every process has marked its files done."""
-        snapshot.write(tmp)
-        self.checkpoints.write_own_files(tmp, state, self.config_yaml)
-        self.checkpoints.mark_written(tmp, snapshot.process_index)
-        if self.accelerator.is_main_process:
-            self.checkpoints.wait_for_marks(tmp, self.accelerator.num_processes)
-            self.checkpoints.publish(tmp, targets, summary)
-
-    def wait_for_checkpoint(self):
-        """Block until the save in flight (if any) is published; re-raises what its write raised."""
-        self.background_save.wait()
-        self.accelerator.wait_for_everyone()  # the main process publishes after every process has written
-        self._announce_checkpoints()
-
-    def _announce_checkpoints(self):
-        if self.background_save.in_flight:
-            return
-        paths, self._unannounced = self._unannounced, []
-        for path in paths:
-            self.callbacks.fire(Event.ON_CHECKPOINT, self, path)
-
     def _save_epoch_checkpoints(self, epoch_number, improved, finishing):
         c = self.cfg.checkpoint
         targets = ["best"] if improved else []
@@ -438,88 +388,6 @@ class Trainer:
         self.save_checkpoint(["last"])
         self.wait_for_checkpoint()  # exit 75 only once the checkpoint is published
         self.should_stop, self.stop_reason = True, "preempted"
-
-    def _resume(self, where):
-        """Load `where` (a folder, or `latest`); see cr_accel.resume for what is tried and refused."""
-        rejected = []
-        for path, problem in resume.candidates(self.checkpoints, where):
-            try:
-                if problem is not None:
-                    raise checkpoint.CheckpointError(problem)
-                self._load_checkpoint(path)
-            except checkpoint.CheckpointError as exc:
-                if where != "latest":
-                    raise
-                rejected.append((path, exc))
-                continue
-            for skipped, why in rejected:  # logged only now: a refused resume leaves the log untouched
-                self.log.info(f"skipping checkpoint {skipped}: {why}")
-            self.csv.keep_epochs(self.epoch)  # rows logged after the checkpoint are re-run now
-            self.log.info(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
-                          f"step {self.global_step}")
-            return
-        if rejected:
-            raise checkpoint.CheckpointError(
-                f"--resume_from_checkpoint latest: none of the {len(rejected)} entries in {self.checkpoints.root} "
-                "can be used, and starting over would throw their work away:\n  - "
-                + "\n  - ".join(f"{p.name}: {why}" for p, why in rejected)
-                + "\nRepair or remove them, pass one explicitly, or start a new run in another output.dir")
-        self.log.info(f"no complete checkpoint in {self.checkpoints.root} (it holds none at all): starting from scratch")
-        self.csv.keep_epochs(0)
-
-    def _load_checkpoint(self, path):
-        """Load one checkpoint on every process, or raise CheckpointError on every process."""
-        acc = self.accelerator
-        problem, loaded = None, None
-        try:
-            loaded = self._read_checkpoint(path)
-        except checkpoint.CheckpointError as exc:
-            problem = str(exc)
-        problems = resume.agree(acc, problem)
-        if problems:
-            raise checkpoint.CheckpointError(problems[0])
-        parts, tensors, accumulation = loaded
-        trainer_part = parts["trainer"]
-        elastic = trainer_part["world_size"] != acc.num_processes
-        if elastic:
-            parts = self._rescale_for_world_size(parts, accumulation)
-        self.registry.load_state_dict(parts, tensors)
-        self.state.world_size = acc.num_processes
-        if elastic:
-            resume.reseed(self.cfg.seed, acc.process_index, self.global_step)
-        self._resumed_mid_epoch = self.batch_in_epoch > 0
-
-    def _read_checkpoint(self, path):
-        """Everything that can refuse a checkpoint, before any of this run's state changes."""
-        acc = self.accelerator
-        parts, tensors = resume.verify_and_read(path)
-        saved = parts["trainer"]
-        # Checkpoints from before the registry ran with the config's accumulation.
-        accumulation = saved.setdefault("gradient_accumulation_steps", self.cfg.training.gradient_accumulation_steps)
-        if saved["world_size"] != acc.num_processes:
-            accumulation = resume.elastic_accumulation(saved["world_size"], accumulation, acc.num_processes)
-        checkpoint.check_model_matches(path, acc.unwrap_model(self.model))
-        resume.load_accelerate_state(acc, path)
-        if saved["world_size"] == acc.num_processes:
-            checkpoint.check_rng_restored(path, acc)
-        return parts, tensors, accumulation
-
-    def _rescale_for_world_size(self, parts, accumulation):
-        """The trainer part of a checkpoint from N processes, for this run's M: the same global position."""
-        saved = dict(parts["trainer"])
-        n, m, before = saved["world_size"], self.accelerator.num_processes, saved["gradient_accumulation_steps"]
-        saved["batch_in_epoch"] = saved["batch_in_epoch"] * n // m
-        saved["gradient_accumulation_steps"] = self.state.gradient_accumulation_steps = accumulation
-        self.schedule.factor = components.build_schedule(self.cfg, self.optimizer, self._size_steps()).factor
-        self.log.info(f"elastic resume: the checkpoint was written by {n} process(es), this run has {m}: "
-                      f"gradient_accumulation_steps {before} -> {accumulation} keeps the global batch "
-                      f"({n * before} micro-batches per optimizer step); exact up to floating-point reduction order")
-        batches = math.ceil(len(self.data.train) / self.cfg.data.batch_size)
-        steps_then = math.ceil(math.ceil(batches / n) / before)
-        if steps_then != self.steps_per_epoch:
-            self.log.info(f"elastic resume: an epoch has {self.steps_per_epoch} optimizer steps now, {steps_then} "
-                          f"with {n} process(es) (its last batches split differently)")
-        return {**parts, "trainer": saved}
 
     # ---------------------------------------------------------------- logging
 
