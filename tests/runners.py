@@ -215,3 +215,22 @@ def newest_checkpoints(ckpts, exclude=()):
     top = max(steps.values())
     newest = {p for p, s in steps.items() if s == top}
     return {ckpts / "last"} if ckpts / "last" in newest else newest
+
+
+def metric_rows(run_dir, file="metrics.csv"):
+    """metrics.csv as dicts, without the columns that measure time (they differ between any two runs)."""
+    import csv
+
+    with open(Path(run_dir) / file, newline="") as f:
+        return [{k: v for k, v in r.items() if k not in ("samples_per_s", "epoch_time")} for r in csv.DictReader(f)]
+
+
+def assert_same_weights(file_a, file_b):
+    """Two safetensors files hold the same tensors, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(file_a), load_file(file_b)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
