@@ -18,8 +18,8 @@ from cr_accel.checkpoint import load_model
 from cr_accel.config import config_from_dict, load_config, parse_yaml
 from cr_accel.preemption import PREEMPTED_EXIT_CODE
 from cr_accel.trainer import Trainer
-from tests.runners import (PROBE, ROOT, finish, launch_2_cpu_processes, read_lines_until, run_1_process,
-                           start_1_process)
+from tests.runners import (PROBE, ROOT, finish, launch_2_cpu_processes, newest_checkpoints, read_lines_until,
+                           resumed_from, run_1_process, start_1_process)
 
 LOSS_COLUMNS = ("epoch", "step", "train_loss", "grad_norm", "val_loss", "val_psnr", "best_val", "lr", "skipped_steps")
 
@@ -255,12 +255,19 @@ def test_stopping_inside_an_epoch_checkpoints_that_position(tmp_path):
 
 
 def test_latest_skips_a_damaged_newest_checkpoint(finished_run):
-    last = finished_run / "checkpoints/last"
+    ckpts = finished_run / "checkpoints"
+    last = ckpts / "last"
+    # A new file in last/ only: writing into the old one would change the same file in step_00000008/ (the
+    # folders of one save share their files as hard links) and leave only step 4 to resume from.
+    (last / "optimizer.bin").unlink()
     (last / "optimizer.bin").write_bytes(b"damaged")
+    newest = newest_checkpoints(ckpts, exclude={"last"})
+    assert newest == {ckpts / "step_00000008"}
     result = resume_cli(finished_run, where="latest")
     assert result.returncode == 0, result.stderr[-2000:]
     log = (finished_run / "train.log").read_text()
-    assert f"skipping checkpoint {last}" in log and "resumed from" in log and "step_00000008" in log
+    assert f"skipping checkpoint {last}:" in log and log.count("skipping checkpoint") == 1  # only last/
+    assert resumed_from(log) == [ckpts / "step_00000008"]  # the newest that verifies, not any older one
 
 
 def test_load_model_for_inference(tmp_path):
