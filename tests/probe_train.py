@@ -35,6 +35,12 @@ from cr_accel.trainer import Trainer
 AWAIT_SIGNAL_SECONDS = 60
 
 
+def say(line):
+    """One line in one write: processes that share a pipe (under a launcher) cannot split it."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class Recorder(Callback):
     def __init__(self, path, stop_at_step, print_pid=False, await_signal=None):
         self.path = path
@@ -46,7 +52,7 @@ class Recorder(Callback):
     def on_train_start(self, trainer):
         self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
         if self.print_pid:
-            print(f"PID {trainer.accelerator.process_index} {os.getpid()}", flush=True)
+            say(f"PID {trainer.accelerator.process_index} {os.getpid()}")
 
     def on_step_end(self, trainer, step, loss):
         self.lrs.append(trainer.optimizer.param_groups[0]["lr"])  # the LR of the *next* step
@@ -54,7 +60,7 @@ class Recorder(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
         rank = trainer.accelerator.process_index
         if self.await_signal == (rank, step):
-            print(f"AWAITING-SIGNAL {rank} {os.getpid()} {step}", flush=True)
+            say(f"AWAITING-SIGNAL {rank} {os.getpid()} {step}")
             deadline = time.time() + AWAIT_SIGNAL_SECONDS
             while not trainer.preemption.requested and time.time() < deadline:
                 time.sleep(0.01)  # the handler runs in this (main) thread between sleeps

@@ -48,9 +48,10 @@ def _launch_cmd(script, args, port=None, num_machines=1, machine_rank=0):
 
 def _start(cmd, **popen):
     """A process in its own session (so `kill_tree` can end it and everything it started), stdout read
-    line by line; PYTHONUNBUFFERED so that lines of the training processes arrive when they are printed."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(_env(), PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            text=True, start_new_session=True, **popen)
+    line by line. Not PYTHONUNBUFFERED: unbuffered, print() writes a line and its newline in two calls, and
+    another training process on the same pipe can land between them; flushed buffers hold whole lines."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True, start_new_session=True,
+                            **popen)
     proc.own_group = True
     _drains(proc)  # read from the start: a full pipe would stall the launcher
     return proc

@@ -5,6 +5,7 @@ files written once (by the global main process), a stop that reaches both machin
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -82,10 +83,12 @@ def test_sigterm_to_one_machines_launcher_stops_both_machines_and_resumes_exactl
     launchers = start_2_machines(PROBE, "--config", config_file, "--probe", tmp_path / "first.json", run,
                                  "--print-pid", "--await-signal", f"1:{SIGNAL_AFTER_STEP}")
     try:
-        pid_line = read_lines_until(launchers[0], lambda line: line.startswith("PID 0 "), STARTUP_TIMEOUT)
-        worker_0 = int(pid_line.split()[2])
-        awaiting = read_lines_until(launchers[1], lambda line: line.startswith("AWAITING-SIGNAL "), STARTUP_TIMEOUT)
-        worker_1 = int(awaiting.split()[2])
+        pid_line = read_lines_until(launchers[0], lambda line: re.search(r"\bPID 0 \d+$", line), STARTUP_TIMEOUT)
+        worker_0 = int(pid_line.split()[-1])
+        awaiting = read_lines_until(launchers[1], lambda line: re.search(r"\bAWAITING-SIGNAL 1 \d+ \d+$", line),
+                                    STARTUP_TIMEOUT)
+        worker_1 = int(awaiting.split()[-2])
+        assert awaiting.split()[-1] == str(SIGNAL_AFTER_STEP)
         assert worker_0 in child_pids(launchers[0].pid) and worker_1 in child_pids(launchers[1].pid)
         # Machine 1's launcher, as a scheduler signals a node's task. torchrun's agent passes SIGTERM on to its
         # training process (after which it raises SignalException itself); machine 0 gets nothing.

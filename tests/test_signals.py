@@ -10,6 +10,7 @@ must then end with the weights of an uninterrupted 2-process run.
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -71,13 +72,13 @@ def wait_for_rank_1_to_await_the_signal(proc):
     pids = {}
 
     def seen(line):
-        if line.startswith("PID "):
-            _, rank, pid = line.split()
-            pids[int(rank)] = int(pid)
-        return line.startswith("AWAITING-SIGNAL ")
+        found = re.search(r"\bPID (\d+) (\d+)$", line)
+        if found:
+            pids[int(found.group(1))] = int(found.group(2))
+        return re.search(r"\bAWAITING-SIGNAL \d+ \d+ \d+$", line)
 
-    awaiting = read_lines_until(proc, seen, timeout=STARTUP_TIMEOUT).split()
-    assert awaiting[1:] == ["1", str(pids.get(1)), str(SIGNAL_AFTER_STEP)], (awaiting, pids)
+    awaiting = read_lines_until(proc, seen, timeout=STARTUP_TIMEOUT).split()[-3:]
+    assert awaiting == ["1", str(pids.get(1)), str(SIGNAL_AFTER_STEP)], (awaiting, pids)
     assert sorted(pids) == [0, 1] and pids[0] != pids[1]
     # The PIDs are the launcher's own training processes (not, say, a stale process of another run).
     assert set(pids.values()) <= child_pids(proc.pid), (pids, child_pids(proc.pid))
