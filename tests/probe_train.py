@@ -1,7 +1,7 @@
 """A train.py with test hooks, for tests that need what a run does inside (run it like train.py).
 
     python tests/probe_train.py --config C --probe OUT.json [--stop-at-step K] [--slow-save SECONDS]
-                                [--resume_from_checkpoint X] [overrides...]
+                                [--print-pid] [--await-signal R:K] [--resume_from_checkpoint X] [overrides...]
 
 Writes (main process) OUT.json: the LR each optimizer step used, the final status and step, and the
 final weights next to it as OUT.safetensors (from the unwrapped model), so tests can check runs
@@ -9,6 +9,11 @@ launched through `accelerate launch`. Exits like train.py (75 when preempted).
 --stop-at-step K: the process sends itself SIGTERM right after optimizer step K (the real signal path).
 --slow-save S: prints `WRITING-MANIFEST <folder>` and sleeps S seconds before each checkpoint's manifest
 is written, so a test can kill the process while a checkpoint is half written.
+Every process also writes OUT.rank<R>.json: its own status, step and the signal it received (or null).
+--print-pid: every process prints `PID <rank> <pid>` when training starts, so a test can signal one of them.
+--await-signal R:K: the process of rank R prints `AWAITING-SIGNAL <rank> <pid> <step>` right after optimizer
+step K and waits (at most 60 s) until its preemption handler has seen a signal that the test sends from
+outside, so the moment of the signal is known exactly; the other processes run on until they need rank R.
 """
 
 import json
@@ -27,22 +32,44 @@ from cr_accel.preemption import PREEMPTED_EXIT_CODE
 from cr_accel.trainer import Trainer
 
 
+AWAIT_SIGNAL_SECONDS = 60
+
+
+def say(line):
+    """One line in one write: processes that share a pipe (under a launcher) cannot split it."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class Recorder(Callback):
-    def __init__(self, path, stop_at_step):
+    def __init__(self, path, stop_at_step, print_pid=False, await_signal=None):
         self.path = path
         self.stop_at_step = stop_at_step
+        self.print_pid = print_pid
+        self.await_signal = await_signal  # (rank, step) or None
         self.lrs = []
 
     def on_train_start(self, trainer):
         self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        if self.print_pid:
+            say(f"PID {trainer.accelerator.process_index} {os.getpid()}")
 
     def on_step_end(self, trainer, step, loss):
         self.lrs.append(trainer.optimizer.param_groups[0]["lr"])  # the LR of the *next* step
         if step == self.stop_at_step:
             os.kill(os.getpid(), signal.SIGTERM)
+        rank = trainer.accelerator.process_index
+        if self.await_signal == (rank, step):
+            say(f"AWAITING-SIGNAL {rank} {os.getpid()} {step}")
+            deadline = time.time() + AWAIT_SIGNAL_SECONDS
+            while not trainer.preemption.requested and time.time() < deadline:
+                time.sleep(0.01)  # the handler runs in this (main) thread between sleeps
 
     def on_train_end(self, trainer, status):
         acc = trainer.accelerator
+        with open(self.path.replace(".json", f".rank{acc.process_index}.json"), "w") as f:
+            json.dump({"status": status, "global_step": trainer.global_step,
+                       "signal": trainer.preemption.signal_name}, f)
         if acc.is_main_process:
             weights = {k: v.detach().cpu().contiguous() for k, v in acc.unwrap_model(trainer.model).state_dict().items()}
             save_file(weights, self.path.replace(".json", ".safetensors"))
@@ -68,11 +95,14 @@ def main():
     parser.add_argument("--probe", required=True)
     parser.add_argument("--stop-at-step", type=int, default=None)
     parser.add_argument("--slow-save", type=float, default=None)
+    parser.add_argument("--print-pid", action="store_true")
+    parser.add_argument("--await-signal", metavar="RANK:STEP", default=None,
+                        type=lambda v: tuple(int(x) for x in v.split(":")))
     args = parser.parse_intermixed_args()
     if args.slow_save:
         slow_down_manifests(args.slow_save)
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, callbacks=[Recorder(args.probe, args.stop_at_step)])
+    trainer = Trainer(cfg, callbacks=[Recorder(args.probe, args.stop_at_step, args.print_pid, args.await_signal)])
     status = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     return PREEMPTED_EXIT_CODE if status == "preempted" else 0
 

@@ -18,7 +18,8 @@ from cr_accel.checkpoint import load_model
 from cr_accel.config import config_from_dict, load_config, parse_yaml
 from cr_accel.preemption import PREEMPTED_EXIT_CODE
 from cr_accel.trainer import Trainer
-from tests.runners import PROBE, ROOT, launch_2_cpu_processes, run_1_process, start_1_process
+from tests.runners import (PROBE, ROOT, finish, launch_2_cpu_processes, newest_checkpoints, read_lines_until,
+                           resumed_from, run_1_process, start_1_process)
 
 LOSS_COLUMNS = ("epoch", "step", "train_loss", "grad_norm", "val_loss", "val_psnr", "best_val", "lr", "skipped_steps")
 
@@ -130,16 +131,10 @@ def test_sigkill_while_writing_a_checkpoint_loses_nothing(config_file, straight_
     run = f"output.dir={tmp_path / 'run'}"
     proc = start_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "first.json", run,
                            "--slow-save", 30)
-    writes = 0
-    deadline = time.time() + 120
-    for line in proc.stdout:
-        if line.startswith("WRITING-MANIFEST"):
-            writes += 1
-            if writes == 2:  # the epoch-2 checkpoint is half written: its files are there, no manifest
-                proc.kill()
-                break
-        assert time.time() < deadline, "the run never reached its second checkpoint"
-    proc.wait(timeout=30)
+    for _ in range(2):  # epoch 1's checkpoint, then epoch 2's
+        read_lines_until(proc, lambda line: line.startswith("WRITING-MANIFEST"), timeout=120)
+    proc.kill()  # the epoch-2 checkpoint is half written: its files are there, no manifest
+    finish(proc, timeout=30)
     assert proc.returncode == -signal.SIGKILL
     ckpts = tmp_path / "run/checkpoints"
     assert any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
@@ -156,11 +151,9 @@ def test_external_sigterm_saves_the_current_step_and_exits_75(config_file, strai
     run = f"output.dir={tmp_path / 'run'}"
     proc = start_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "first.json", run,
                            "training.log_every=1")
-    for line in proc.stdout:  # plain progress lines: "epoch 1 step 1/9 ..."
-        if " step 4/" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    _, err = proc.communicate(timeout=120)
+    read_lines_until(proc, lambda line: " step 4/" in line, timeout=120)  # plain progress: "epoch 1 step 1/9 ..."
+    proc.send_signal(signal.SIGTERM)
+    _, err = finish(proc, timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
     stopped_at = checkpoint.read_state(tmp_path / "run/checkpoints/last")["trainer"]["global_step"]
     assert 4 <= stopped_at < 9
@@ -255,12 +248,19 @@ def test_stopping_inside_an_epoch_checkpoints_that_position(tmp_path):
 
 
 def test_latest_skips_a_damaged_newest_checkpoint(finished_run):
-    last = finished_run / "checkpoints/last"
+    ckpts = finished_run / "checkpoints"
+    last = ckpts / "last"
+    # A new file in last/ only: writing into the old one would change the same file in step_00000008/ (the
+    # folders of one save share their files as hard links) and leave only step 4 to resume from.
+    (last / "optimizer.bin").unlink()
     (last / "optimizer.bin").write_bytes(b"damaged")
+    newest = newest_checkpoints(ckpts, exclude={"last"})
+    assert newest == {ckpts / "step_00000008"}
     result = resume_cli(finished_run, where="latest")
     assert result.returncode == 0, result.stderr[-2000:]
     log = (finished_run / "train.log").read_text()
-    assert f"skipping checkpoint {last}" in log and "resumed from" in log and "step_00000008" in log
+    assert f"skipping checkpoint {last}:" in log and log.count("skipping checkpoint") == 1  # only last/
+    assert resumed_from(log) == [ckpts / "step_00000008"]  # the newest that verifies, not any older one
 
 
 def test_load_model_for_inference(tmp_path):
@@ -374,17 +374,13 @@ def test_a_second_signal_aborts_at_once(config_file, tmp_path):
     proc = start_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "p.json",
                            f"output.dir={tmp_path / 'run'}", "training.eval_every=10", "checkpoint.save_every=10",
                            "--slow-save", 60, "--stop-at-step", 4)
-    writes = 0
-    for line in proc.stdout:
-        if line.startswith("WRITING-MANIFEST"):
-            writes += 1
-            if ".tmp-step_00000004" in line:  # the preemption checkpoint, half written
-                started = time.time()
-                proc.send_signal(signal.SIGTERM)
-                break
-    proc.wait(timeout=30)
+    first_write = read_lines_until(proc, lambda line: line.startswith("WRITING-MANIFEST"), timeout=120)
+    assert ".tmp-step_00000004" in first_write  # the first checkpoint is the preemption's, half written
+    started = time.time()
+    proc.send_signal(signal.SIGTERM)
+    finish(proc, timeout=30)
     assert time.time() - started < 10  # not the 60 s the manifest write was told to take
     assert proc.returncode == -signal.SIGTERM
     ckpts = tmp_path / "run/checkpoints"
-    assert writes == 1 and not (ckpts / "last").exists()  # the half-written one never became `last`
+    assert not (ckpts / "last").exists()  # the half-written one never became `last`
     assert [p.name for p in ckpts.iterdir()] == [".tmp-step_00000004"]  # removed at the next start
