@@ -212,7 +212,7 @@ def newest_checkpoints(ckpts, exclude=()):
     for path in ckpts.iterdir():
         if path.name in exclude or path.name.startswith(".") or not checkpoint.is_complete(path):
             continue
-        steps[path] = checkpoint.read_state(path)["global_step"]
+        steps[path] = checkpoint.read_state(path)["trainer"]["global_step"]
     top = max(steps.values())
     newest = {p for p, s in steps.items() if s == top}
     return {ckpts / "last"} if ckpts / "last" in newest else newest

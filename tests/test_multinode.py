@@ -107,7 +107,7 @@ def test_sigterm_to_one_machines_launcher_stops_both_machines_and_resumes_exactl
     assert ranks[0] == {"status": "preempted", "global_step": STOP_STEP, "signal": None}, ranks
     assert ranks[1] == {"status": "preempted", "global_step": STOP_STEP, "signal": "SIGTERM"}, ranks
     last = tmp_path / "run/checkpoints/last"
-    state = checkpoint.read_state(last)
+    state = checkpoint.read_state(last)["trainer"]
     assert (state["world_size"], state["global_step"], state["batch_in_epoch"]) == (2, STOP_STEP, 3)
     assert sorted(checkpoint.verify(last)["files"]) == sorted(checkpoint.verify(
         straight_out / "run/checkpoints/last")["files"])  # rank 1's RNG state included

@@ -60,7 +60,7 @@ def listing(ckpts):
 
 def step_of(folder):
     checkpoint.verify(folder)
-    return checkpoint.read_state(folder)["global_step"]
+    return checkpoint.read_state(folder)["trainer"]["global_step"]
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_step_checkpoints_rotate_and_a_crash_resumes_from_the_newest_mid_epoch(s
     # Saved at steps 3, 4, 6, 8, 9: the newest three are kept; last/ is epoch 2's (step 8).
     assert listing(ckpts) == ["best", "last", "step_00000006", "step_00000008", "step_00000009"]
     assert step_of(ckpts / "last") == 8
-    newest = checkpoint.read_state(ckpts / "step_00000009")
+    newest = checkpoint.read_state(ckpts / "step_00000009")["trainer"]
     assert (newest["epoch"], newest["batch_in_epoch"], newest["global_step"]) == (2, 1, 9)  # inside epoch 3
     for name in listing(ckpts):
         checkpoint.verify(ckpts / name)

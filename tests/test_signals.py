@@ -109,7 +109,7 @@ def test_signal_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(
     assert ranks[1] == {"status": "preempted", "global_step": STOP_STEP, "signal": sig.name}, ranks
     last = tmp_path / "run/checkpoints/last"
     checkpoint.verify(last)
-    state = checkpoint.read_state(last)
+    state = checkpoint.read_state(last)["trainer"]
     assert (state["world_size"], state["global_step"], state["epoch"], state["batch_in_epoch"]) == (2, STOP_STEP, 0, 3)
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["last"]
     log = (tmp_path / "run/train.log").read_text()
