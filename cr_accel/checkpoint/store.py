@@ -137,9 +137,16 @@ class Checkpoints:
         of them before publishing; no collective call is safe from a background thread)."""
         (tmp / f"{_WRITTEN}{process_index}").touch()
 
-    def wait_for_marks(self, tmp, world_size, poll_s=0.02):
+    def wait_for_marks(self, tmp, world_size, poll_s=0.02, timeout_s=1800):
+        """Until every process has marked its files written. A mark that never appears means another machine
+        writes somewhere else: every process must see the same output.dir (a shared file system)."""
         marks = [tmp / f"{_WRITTEN}{rank}" for rank in range(world_size)]
+        deadline = time.monotonic() + timeout_s
         while not all(m.exists() for m in marks):
+            if time.monotonic() > deadline:
+                missing = [rank for rank, m in enumerate(marks) if not m.exists()]
+                raise RuntimeError(f"process(es) {missing} did not finish writing into {tmp} within {timeout_s} s; "
+                                   "checkpoints need an output.dir that every machine shares")
             time.sleep(poll_s)
         for mark in marks:
             mark.unlink()
