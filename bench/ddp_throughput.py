@@ -1,6 +1,6 @@
 """Data-parallel throughput of cr_accel's Trainer against a hand-written DDP loop, 1 and 2 CPU processes.
 
-    python bench/ddp_throughput.py [--rounds 5] [--epochs 60] [--quick] [--json F]
+    python bench/ddp_throughput.py [--rounds 5] [--epochs 60] [--eval-every N] [--quick] [--json F]
     python bench/ddp_throughput.py --validation [--rounds 5] [--quick]
 
 Training (default): the default job (`configs/default.yaml`: conv_autoencoder, synthetic_cr, batch 32 per
@@ -55,16 +55,18 @@ PROGRAMS = {"H": "hand-written DDP loop", "C": "cr_accel Trainer"}
 # ---------------------------------------------------------------------------------------- the children
 
 
-def job_config(epochs, out_dir, num_val=64, extra=()):
-    """The default job with the benchmark's changes: fewer epochs, no checkpoints, validation only at the end."""
+def job_config(epochs, out_dir, num_val=64, eval_every=0, extra=()):
+    """The default job with the benchmark's changes: fewer epochs, no checkpoints, validation every `eval_every`
+    epochs (0: only after the last step, outside the timed window)."""
     from cr_accel.config import load_config
 
-    overrides = [f"training.epochs={epochs}", "training.eval_every=1000000", "checkpoint.save_every=1000000",
+    overrides = [f"training.epochs={epochs}", f"training.eval_every={eval_every or 1000000}",
+                 "checkpoint.save_every=1000000",
                  f"output.dir={out_dir}", "dashboard.enabled=false", f"data.num_val={num_val}", *extra]
     return load_config(CONFIG, overrides)
 
 
-def run_hand_written(cfg, clock):
+def run_hand_written(cfg, clock, eval_every):
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -86,11 +88,32 @@ def run_hand_written(cfg, clock):
     if world > 1:
         sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
         loader = DataLoader(data.train, batch_size=batch, sampler=sampler)
+        # 64 validation samples split evenly: DistributedSampler's padding adds no duplicates here
+        val_loader = DataLoader(data.val, batch_size=batch,
+                                sampler=DistributedSampler(data.val, num_replicas=world, rank=rank, shuffle=False))
         model = DistributedDataParallel(model)
     else:
         sampler = None
         loader = DataLoader(data.train, batch_size=batch, shuffle=True,
                             generator=torch.Generator().manual_seed(cfg.seed))
+        val_loader = DataLoader(data.val, batch_size=batch)
+    metrics = components.build_metrics(cfg)
+
+    def validate():  # each process its own shard, one all-reduce of the sums
+        model.eval()
+        sums = torch.zeros(2 + len(metrics), dtype=torch.float64)
+        with torch.no_grad():
+            for inputs, targets in val_loader:
+                outputs = model(inputs)
+                n = len(targets)
+                sums += torch.stack([loss_fn(outputs, targets).double() * n,
+                                     *(fn(outputs, targets).double().sum() for fn in metrics.values()),
+                                     torch.tensor(float(n), dtype=torch.float64)])
+        if world > 1:
+            dist.all_reduce(sums)
+        model.train()
+        return (sums[:-1] / sums[-1]).tolist()
+
     epochs = cfg.training.epochs
     total = epochs * len(loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -112,8 +135,9 @@ def run_hand_written(cfg, clock):
             clock.tick()
         if world > 1:
             dist.all_reduce(loss_sum)  # the epoch's train loss, as any loop that logs one does
+        val = validate() if eval_every and (epoch + 1) % eval_every == 0 else []
         if rank == 0:
-            print(f"epoch {epoch + 1} train_loss {float(loss_sum) / (len(loader) * world):.6g}", flush=True)
+            print(f"epoch {epoch + 1} train_loss {float(loss_sum) / (len(loader) * world):.6g} val {val}", flush=True)
     if world > 1:
         dist.destroy_process_group()
     return {"world_size": world, "rank": rank, "steps_per_epoch": len(loader), "batch": batch}
@@ -143,14 +167,15 @@ def run_validation(cfg, repeats):
     trainer = Trainer(cfg)
     acc = trainer.accelerator
     first = trainer.validate()  # untimed: first-call allocations
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
         acc.wait_for_everyone()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         trainer.validate()
         times.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
     acc.wait_for_everyone()
-    return {"world_size": acc.num_processes, "rank": acc.process_index, "times": times, "result": first}
+    return {"world_size": acc.num_processes, "rank": acc.process_index, "times": times, "cpu": cpu, "result": first}
 
 
 class Clock:
@@ -171,16 +196,17 @@ def child(argv):
     p.add_argument("out_dir")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--num-val", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     a = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    cfg = job_config(a.epochs, a.out_dir, a.num_val, a.set)
+    cfg = job_config(a.epochs, a.out_dir, a.num_val, a.eval_every, a.set)
     clock = Clock()
     if a.program == "H":
-        info = run_hand_written(cfg, clock)
+        info = run_hand_written(cfg, clock, a.eval_every)
     elif a.program == "C":
         info = run_cr_accel(cfg, clock)
     else:
@@ -278,7 +304,7 @@ def bench_training(args, workdir):
         for world in args.worlds:
             for program in "HC":
                 wait_for_quiet(args.wait_quiet)
-                data = launch(program, world, workdir, "--epochs", args.epochs)
+                data = launch(program, world, workdir, "--epochs", args.epochs, "--eval-every", args.eval_every)
                 rate = steady_samples_per_s(data)
                 rates[program, world].append(rate)
                 splits[program, world].append(step_split(data))
@@ -299,7 +325,8 @@ def spread(values, fmt="{:.3f}"):
 def report_training(args, rates):
     lines = [
         f"Training throughput, default job, {args.epochs} epochs, {args.rounds} round(s) of H C per world size, "
-        f"steady state after {WARMUP_EPOCHS} epochs",
+        f"steady state after {WARMUP_EPOCHS} epochs, "
+        + (f"validation every {args.eval_every} epoch(s) included" if args.eval_every else "training only"),
         "",
         "| processes | H samples/s | C samples/s | C/H (median, min-max over rounds) |",
         "|---|---|---|---|",
@@ -328,6 +355,7 @@ def report_training(args, rates):
 
 def bench_validation(args, workdir):
     times = {(n, w): [] for w in args.worlds for n in VAL_SIZES}
+    cpu_times = args.cpu_times = {(n, w): [] for w in args.worlds for n in VAL_SIZES}
     for r in range(args.rounds):
         for world in args.worlds:
             for n in VAL_SIZES:
@@ -335,6 +363,7 @@ def bench_validation(args, workdir):
                 data = launch("V", world, workdir, "--num-val", n, "--repeats", args.repeats)
                 args.contention.append(data["others_runnable"])
                 times[n, world].append(statistics.median(data["times"]))
+                cpu_times[n, world].append(statistics.median(data["cpu"]))
                 print(f"round {r + 1}/{args.rounds} validate {n} samples x{world}: "
                       f"{statistics.median(data['times']) * 1e3:.1f} ms (load {os.getloadavg()[0]:.2f})",
                       file=sys.stderr, flush=True)
@@ -357,6 +386,12 @@ def report_validation(args, times):
     if 1 in added and 2 in added:
         lines += ["", f"Speed-up of the added validation time, 1 -> 2 processes (per round): "
                       f"**{spread([a / b for a, b in zip(added[1], added[2])])}x**"]
+        c = args.cpu_times
+        cpu_added = {w: [b - a for a, b in zip(c[small, w], c[big, w])] for w in (1, 2)}
+        lines += ["", f"CPU time of rank 0 for the {big - small} added samples: 1 process "
+                      f"{spread(cpu_added[1], '{:.3f}')} s, 2 processes {spread(cpu_added[2], '{:.3f}')} s per process "
+                      f"(ratio {spread([a / b for a, b in zip(cpu_added[1], cpu_added[2])])}x: the work each process "
+                      "does; the wall-time speed-up reaches it only when nothing else wants the 2 cores)"]
     return lines
 
 
@@ -381,6 +416,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=60, help="epochs per training run (default 60)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="validate every N epochs inside the timed window, both programs (the default job: 1); "
+                        "default 0: training only")
     p.add_argument("--repeats", type=int, default=5, help="validate() calls per validation run (default 5)")
     p.add_argument("--worlds", default="1,2", help="process counts (default 1,2)")
     p.add_argument("--validation", action="store_true", help="measure validation instead of training")
