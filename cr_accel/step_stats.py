@@ -13,6 +13,9 @@ import math
 import torch
 
 
+_NONE = 2**62  # "no non-finite step" in a min over processes (exact in float64 too)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the optimizer step."""
 
@@ -41,42 +44,55 @@ class StepStats:
 
     def flush(self):
         """Bring the pending values to the host (one sync); raise NonFiniteLossError on any process's NaN."""
-        if not self._losses:
+        if not self._losses:  # (the same on every process: they all run the same micro-batches)
             return
+        first_bad = self._pull()
+        if not self.allow_nonfinite and self.accelerator.num_processes > 1:
+            mine = torch.tensor([first_bad if first_bad >= 0 else _NONE], device=self.accelerator.device)
+            first_bad = self._earliest(self.accelerator.gather(mine))
+        self._raise_if_bad(first_bad)
+
+    def _pull(self):
+        """Move the pending values to the host; returns this process's first non-finite step (-1: none)."""
+        if not self._losses:
+            return -1
         losses = torch.stack(self._losses).float().cpu().tolist()
         norms = torch.stack(self._norms).float().cpu().tolist() if self._norms else []
         first_bad = next((s for v, s in zip(losses, self._loss_steps) if not math.isfinite(v)), -1)
-        if not self.allow_nonfinite:
-            first_bad = self._first_bad_on_any_process(first_bad)
-            if first_bad >= 0:
-                raise NonFiniteLossError(
-                    f"the training loss is not finite at optimizer step {first_bad + 1}; "
-                    "the parameters are no longer usable, so training stops here. Lower optimizer.lr, "
-                    "set training.grad_clip, check the data for NaN/inf, or set training.skip_nonfinite: true "
-                    "to skip such steps"
-                )
         finite = [v for v in losses if math.isfinite(v)]
         self.losses += finite
         self.norms += [v for v in norms if math.isfinite(v)]
         if finite:
             self.last_loss = finite[-1]
         self._losses, self._loss_steps, self._norms = [], [], []
+        return first_bad
 
-    def _first_bad_on_any_process(self, first_bad):
-        if self.accelerator.num_processes == 1:
-            return first_bad
-        mine = torch.tensor([first_bad if first_bad >= 0 else 2**62], device=self.accelerator.device)
-        earliest = int(self.accelerator.gather(mine).min())
-        return earliest if earliest < 2**62 else -1
+    @staticmethod
+    def _earliest(first_bad_column):
+        earliest = int(first_bad_column.min())
+        return earliest if earliest < _NONE else -1
+
+    def _raise_if_bad(self, first_bad):
+        if first_bad >= 0 and not self.allow_nonfinite:
+            raise NonFiniteLossError(
+                f"the training loss is not finite at optimizer step {first_bad + 1}; "
+                "the parameters are no longer usable, so training stops here. Lower optimizer.lr, "
+                "set training.grad_clip, check the data for NaN/inf, or set training.skip_nonfinite: true "
+                "to skip such steps"
+            )
 
     def epoch_totals(self):
-        """Epoch means over all processes: train loss per micro-batch, pre-clip gradient norm per step."""
-        self.flush()
+        """Epoch means over all processes: train loss per micro-batch, pre-clip gradient norm per step.
+
+        One collective: the non-finite check of the last values and the epoch's sums travel in one gather
+        (a flush and a separate reduction were two blocking round trips per epoch)."""
+        first_bad = self._pull()
         acc = self.accelerator
-        local = torch.tensor([math.fsum(self.losses), len(self.losses), self.samples, self.skipped_steps],
-                             dtype=torch.float64, device=acc.device)
-        total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
-        loss_sum, loss_count, samples, skipped = total.tolist()
+        local = torch.tensor([[first_bad if first_bad >= 0 else _NONE, math.fsum(self.losses), len(self.losses),
+                               self.samples, self.skipped_steps]], dtype=torch.float64, device=acc.device)
+        rows = acc.gather(local) if acc.num_processes > 1 else local
+        self._raise_if_bad(self._earliest(rows[:, 0]))
+        loss_sum, loss_count, samples, skipped = rows[:, 1:].sum(0).tolist()
         # Gradients are all-reduced before clipping, so every process saw the same norms.
         return {
             "train_loss": loss_sum / loss_count if loss_count else math.nan,
