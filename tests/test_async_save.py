@@ -3,7 +3,6 @@ written, and a crash or a signal during the write loses nothing."""
 
 import json
 import signal
-import time
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from cr_accel import checkpoint
 from cr_accel.config import config_from_dict, parse_yaml
 from cr_accel.preemption import PREEMPTED_EXIT_CODE
 from cr_accel.trainer import Trainer
-from tests.runners import PROBE, ROOT, run_1_process, start_1_process
+from tests.runners import PROBE, ROOT, finish, read_lines_until, run_1_process, start_1_process
 from tests.test_checkpoint import assert_resumed_equals_straight, assert_same_tensors
 
 
@@ -80,17 +79,6 @@ def test_async_and_sync_saves_write_the_same_checkpoint(tmp_path):
     assert "started in the background" in log
 
 
-def read_until(proc, predicate, timeout=120):
-    """Lines of `proc` until `predicate(line)`; fails with what was read when the run ends or time runs out."""
-    seen, deadline = [], time.time() + timeout
-    for line in proc.stdout:
-        seen.append(line)
-        if predicate(line):
-            return seen
-        assert time.time() < deadline, "timed out; output so far:\n" + "".join(seen[-40:])
-    raise AssertionError("the run ended first; output:\n" + "".join(seen[-40:]) + proc.stderr.read()[-3000:])
-
-
 @pytest.mark.parametrize("kill_after_steps", [0, 2])
 def test_sigkill_during_a_background_write_resumes_exactly(config_file, straight_run, tmp_path, kill_after_steps):
     """The epoch-2 checkpoint (step 6) is being written slowly in the background while training goes on;
@@ -98,14 +86,11 @@ def test_sigkill_during_a_background_write_resumes_exactly(config_file, straight
     run = f"output.dir={tmp_path / 'run'}"
     proc = start_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "first.json", run,
                            "--slow-save", 30)
-    try:
-        read_until(proc, lambda line: line.startswith("WRITING-MANIFEST") and "step_00000006" in line)
-        for step in range(7, 7 + kill_after_steps):  # training goes on while the checkpoint is written
-            read_until(proc, lambda line, s=step: f" step {s}/" in line)
-        proc.kill()
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
+    read_lines_until(proc, lambda line: line.startswith("WRITING-MANIFEST") and "step_00000006" in line, 120)
+    for step in range(7, 7 + kill_after_steps):  # training goes on while the checkpoint is written
+        read_lines_until(proc, lambda line, s=step: f" step {s}/" in line, 60)
+    proc.kill()
+    finish(proc, 30)
     assert proc.returncode == -signal.SIGKILL
     ckpts = tmp_path / "run/checkpoints"
     assert (ckpts / ".tmp-step_00000006").is_dir()  # half written, never visible
@@ -120,23 +105,24 @@ def test_sigkill_during_a_background_write_resumes_exactly(config_file, straight
 
 
 def test_sigterm_with_a_write_in_flight_exits_75_after_it_is_published(config_file, straight_run, tmp_path):
-    """Step 3's checkpoint takes 4 s to publish; SIGTERM after step 4 must wait for it, then write and
-    publish step 4's, and only then exit 75."""
+    """Step 3's checkpoint takes 4 s to publish; a SIGTERM meanwhile must wait for it, then write and publish
+    the stopping step's, and only then exit 75."""
     run = f"output.dir={tmp_path / 'run'}"
     proc = start_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "first.json", run,
                            "--slow-save", 4)
-    try:
-        lines = read_until(proc, lambda line: " step 4/" in line)
-        assert any("WRITING-MANIFEST" in line and "step_00000003" in line for line in lines)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr.read()[-3000:]
+    # Step 3's checkpoint is in its 4 s manifest write: the signal comes while it is in flight.
+    read_lines_until(proc, lambda line: line.startswith("WRITING-MANIFEST") and "step_00000003" in line, 120)
+    proc.send_signal(signal.SIGTERM)
+    _, err = finish(proc, 90)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
     ckpts = tmp_path / "run/checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["best", "last", "step_00000003"]
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert not [n for n in names if n.startswith(".")], names  # nothing half written left behind
+    assert {"best", "last", "step_00000003"} <= set(names)  # the one in flight was published
     stopped_at = checkpoint.read_state(ckpts / "last")["trainer"]["global_step"]
-    assert stopped_at in (4, 5)  # the step after the signal (the probe's progress line comes before the vote)
+    assert stopped_at > 3  # a later step's checkpoint, written after the one in flight, is `last`
+    log = (tmp_path / "run/train.log").read_text()
+    assert f"saving a checkpoint at step {stopped_at}" in log
     for folder in ckpts.iterdir():
         checkpoint.verify(folder)
     resumed = run_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "p.json", run,

@@ -12,13 +12,14 @@ import pytest
 import yaml
 
 from cr_accel import checkpoint
-from cr_accel.preemption import PREEMPTED_EXIT_CODE
+from cr_accel.preemption import PREEMPTED_EXIT_CODE, VOTE_EVERY
 from tests.runners import (PROBE, ROOT, assert_same_weights, child_pids, finish, kill_tree, metric_rows,
                            read_lines_until, resumed_from, start_2_machines, worker_exit_codes)
 
 STARTUP_TIMEOUT = 180
 RUN_TIMEOUT = 180
-SIGNAL_AFTER_STEP, STOP_STEP = 2, 3
+SIGNAL_AFTER_STEP = 1  # and the stop comes at the first vote decided after it (preemption.py, VOTE_EVERY)
+STOP_STEP = -(-(SIGNAL_AFTER_STEP + 1) // VOTE_EVERY) * VOTE_EVERY
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_sigterm_to_one_machines_launcher_stops_both_machines_and_resumes_exactl
     assert ranks[1] == {"status": "preempted", "global_step": STOP_STEP, "signal": "SIGTERM"}, ranks
     last = tmp_path / "run/checkpoints/last"
     state = checkpoint.read_state(last)["trainer"]
-    assert (state["world_size"], state["global_step"], state["batch_in_epoch"]) == (2, STOP_STEP, 3)
+    assert (state["world_size"], state["global_step"], state["batch_in_epoch"]) == (2, STOP_STEP, STOP_STEP)
     assert sorted(checkpoint.verify(last)["files"]) == sorted(checkpoint.verify(
         straight_out / "run/checkpoints/last")["files"])  # rank 1's RNG state included
 

@@ -40,4 +40,4 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(config_file, tmp_pa
     stop = expected_stop(signal_step)
     assert signal_step < stop <= signal_step + VOTE_EVERY
     assert ranks == [{"status": "preempted", "global_step": stop}] * 2
-    assert checkpoint.read_state(tmp_path / "run" / "checkpoints" / "last")["global_step"] == stop
+    assert checkpoint.read_state(tmp_path / "run" / "checkpoints" / "last")["trainer"]["global_step"] == stop

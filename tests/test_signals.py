@@ -17,13 +17,14 @@ import pytest
 import yaml
 
 from cr_accel import checkpoint
-from cr_accel.preemption import PREEMPTED_EXIT_CODE
+from cr_accel.preemption import PREEMPTED_EXIT_CODE, VOTE_EVERY
 from tests.runners import (PROBE, ROOT, assert_same_weights, child_pids, finish, kill_tree, launch_2_cpu_processes,
                            metric_rows, read_lines_until, resumed_from, root_cause_rank, start_2_cpu_processes,
                            worker_exit_codes)
 
-SIGNAL_AFTER_STEP = 2  # rank 1 is signalled after this optimizer step ...
-STOP_STEP = 3  # ... and both processes stop after the next one
+SIGNAL_AFTER_STEP = 1  # rank 1 is signalled after this optimizer step, and both processes stop at the first
+# vote decided after it: flags are posted one step before each decision, every VOTE_EVERY steps (preemption.py).
+STOP_STEP = -(-(SIGNAL_AFTER_STEP + 1) // VOTE_EVERY) * VOTE_EVERY
 STARTUP_TIMEOUT = 180  # seconds for `accelerate launch` to reach the step (4-6 s on an idle 2-core machine)
 RUN_TIMEOUT = 180
 # `accelerate launch` runs torchrun's agent, which reports any worker exit code other than 0 as a failure
@@ -110,10 +111,11 @@ def test_signal_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(
     last = tmp_path / "run/checkpoints/last"
     checkpoint.verify(last)
     state = checkpoint.read_state(last)["trainer"]
-    assert (state["world_size"], state["global_step"], state["epoch"], state["batch_in_epoch"]) == (2, STOP_STEP, 0, 3)
+    assert (state["world_size"], state["global_step"], state["epoch"], state["batch_in_epoch"]) == \
+        (2, STOP_STEP, 0, STOP_STEP)
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["last"]
     log = (tmp_path / "run/train.log").read_text()
-    assert f"received: saving a checkpoint at step {STOP_STEP} (epoch 1, batch 3) and stopping" in log
+    assert f"received: saving a checkpoint at step {STOP_STEP} (epoch 1, batch {STOP_STEP}) and stopping" in log
 
     resumed = launch_2_cpu_processes(PROBE, "--config", config_file, "--probe", tmp_path / "p.json", run,
                                      "--resume_from_checkpoint", "latest", timeout=RUN_TIMEOUT)
