@@ -7,8 +7,18 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 configs_dir="$here/accelerate_configs"
 train_script="${CR_ACCEL_TRAIN_SCRIPT:-$here/train.py}"
-python="${PYTHON:-python}"
-[[ -n ${PYTHON:-} ]] || command -v python >/dev/null 2>&1 || python=python3
+# The interpreter whose accelerate runs: $PYTHON, else the project's .venv (scripts/setup.sh makes it),
+# else python (python3) from PATH.
+python="${PYTHON:-}"
+if [[ -z $python ]]; then
+  if [[ -x $here/.venv/bin/python ]]; then python="$here/.venv/bin/python"
+  elif command -v python >/dev/null 2>&1; then python=python
+  else python=python3
+  fi
+fi
+# `accelerate launch`, run by cr_accel/launch_exit.py so that a user error (2) and a preemption (75)
+# reach the caller with any number of processes, without torchrun's traceback (see that file).
+launcher="$here/cr_accel/launch_exit.py"
 
 usage() {
   cat <<EOF
@@ -24,7 +34,10 @@ usage: ./launch.sh [--accelerate-config NAME|PATH] [--num-processes N] [--dry-ru
   -h, --help                     this help
 
 Environment: CR_ACCEL_TRAIN_SCRIPT (script to run, default: train.py next to launch.sh),
-PYTHON (interpreter whose accelerate is used, default: python), CR_ACCEL_NUM_GPUS (skip GPU detection).
+PYTHON (interpreter whose accelerate is used, default: .venv/bin/python when it exists, else python),
+CR_ACCEL_NUM_GPUS (skip GPU detection).
+Exit codes: 0 done, 2 a user error (said once), 75 preempted after a checkpoint, 1 anything else; the
+same with any number of processes (torchrun's agent alone would turn 2 and 75 into 1).
 Example: ./launch.sh --num-processes 2 --config configs/default.yaml training.epochs=3
 EOF
 }
@@ -102,10 +115,10 @@ if grep -qE '^use_cpu:[[:space:]]*true' "$config_file" && ((${num_processes:-1} 
   # ACCELERATE_USE_CPU=1 starts N processes that each think they are alone. This is the
   # combination that gives DistributedType.MULTI_CPU (gloo) with world size N.
   # Port 0: accelerate picks a free port, so parallel CPU runs on one machine do not collide.
-  cmd+=(env ACCELERATE_USE_CPU=1 "$python" -m accelerate.commands.launch --config_file "$config_file"
+  cmd+=(env ACCELERATE_USE_CPU=1 "$python" "$launcher" --config_file "$config_file"
         --multi_gpu --num_processes "$num_processes" --num_machines 1 --main_process_port 0)
 else
-  cmd+=("$python" -m accelerate.commands.launch --config_file "$config_file")
+  cmd+=("$python" "$launcher" --config_file "$config_file")
   [[ -z $num_processes ]] || cmd+=(--num_processes "$num_processes")
 fi
 cmd+=("$train_script" "$@")

@@ -7,6 +7,7 @@
 import sys
 
 from cr_accel.cli import main_train
+from cr_accel.launch_exit import recorded
 
 if __name__ == "__main__":
-    sys.exit(main_train())
+    sys.exit(recorded(main_train))  # recorded: launch.sh reports the workers' own exit codes

@@ -49,8 +49,8 @@ def free_port():
 
 
 @contextlib.contextmanager
-def running_server(db, port=0, token=None):
-    server = make_server("127.0.0.1", port, db, token=token)
+def running_server(db, port=0, token=None, **options):
+    server = make_server("127.0.0.1", port, db, token=token, **options)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -538,6 +538,103 @@ def test_dashboard_command_reports_a_busy_port(tmp_path, capsys):
     with running_server(tmp_path / "a.sqlite") as srv:
         assert main(["--port", str(srv.server_address[1]), "--db", str(tmp_path / "b.sqlite")]) == 2
     assert "cannot listen" in capsys.readouterr().err
+
+
+def test_server_answers_a_stalled_body_with_408_promptly(tmp_path, caplog, capfd):
+    """Headers with a Content-Length, part of the body, then nothing: 408 after the request timeout, not a
+    500 with a traceback after 30 s; the server keeps serving."""
+    caplog.set_level(logging.INFO, logger="cr_accel.dashboard")
+    with running_server(tmp_path / "runs.sqlite", request_timeout=0.5) as srv:
+        with socket.create_connection(srv.server_address[:2], timeout=10) as s:
+            s.sendall(_post("/api/runs", b'{"run_id": "stall", ', length=100))  # 20 of 100 bytes, then a stall
+            started = time.monotonic()
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+            waited = time.monotonic() - started
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"408", reply
+        assert "did not arrive within 0.5 s" in json.loads(body)["error"]
+        assert 0.4 < waited < 3, f"answered after {waited:.2f} s with a 0.5 s timeout"
+        assert b"Content-Security-Policy" in head
+        assert http(srv.url, path="/api/runs")[0] == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_every_response_carries_the_security_headers(server):
+    def headers_of(raw):
+        with socket.create_connection(server.server_address[:2], timeout=5) as s:
+            s.sendall(raw)
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        head = reply.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+        return int(head[0].split()[1]), dict(line.split(": ", 1) for line in head[1:])
+
+    responses = {
+        "page": headers_of(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "API": headers_of(b"GET /api/runs HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "API error": headers_of(b"GET /api/nothing HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "unknown method (http.server's own error)": headers_of(b"BREW / HTTP/1.1\r\nHost: x\r\n\r\n"),
+    }
+    assert [status for status, _ in responses.values()] == [200, 200, 404, 501]
+    for what, (_, headers) in responses.items():
+        assert headers.get("X-Content-Type-Options") == "nosniff", what
+        assert headers.get("Referrer-Policy") == "no-referrer", what
+        assert headers.get("X-Frame-Options") == "DENY", what
+        csp = dict(d.strip().split(" ", 1) for d in headers.get("Content-Security-Policy", "").split(";"))
+        assert csp.get("default-src") == "'none'" and csp.get("frame-ancestors") == "'none'", (what, csp)
+        assert csp.get("connect-src") == "'self'" and "unsafe-inline" not in csp["script-src"], (what, csp)
+    # The page's inline script is allowed by its hash (the browser test below runs it under this policy).
+    import hashlib
+    import re
+
+    script = re.search(rb"<script>(.*?)</script>", http(server.url, path="/")[2], re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
+    assert csp["script-src"] == f"'sha256-{digest}'"
+
+
+def test_tracker_escapes_a_hostile_reply_before_printing_it(caplog):
+    """A server's error text with terminal escape codes reaches the console as visible escapes only."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    hostile = "\x1b[31mred\x1b]0;title\x07\r\x1b[2Kgone\u202e"
+    body = json.dumps({"ok": False, "error": hostile}).encode()
+    replies = {
+        "json 422": b"HTTP/1.0 422 Unprocessable\r\nContent-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode() + b"\r\n\r\n" + body,
+        "raw 500": b"HTTP/1.0 500 Oops\r\nContent-Length: 17\r\n\r\n\x1b[31mraw\x1b[0m\x07\r\n..",
+        "raw status line": b"\x1b[31mHTTP/1.0 200 OK\r\n\r\n",
+    }
+    for name, reply in replies.items():
+        caplog.clear()
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+
+            def answer():
+                with contextlib.suppress(OSError):
+                    conn, _ = listener.accept()
+                    with conn:
+                        conn.settimeout(2)
+                        conn.recv(65536)
+                        conn.sendall(reply)
+
+            thread = threading.Thread(target=answer, daemon=True)
+            thread.start()
+            tracker = DashboardTracker(f"http://127.0.0.1:{listener.getsockname()[1]}", "hostile", timeout=1,
+                                       finish_timeout=0.5, retry_initial=5, retry_max=5)
+            tracker.start()
+            thread.join(5)
+            deadline = time.monotonic() + 5
+            while not dashboard_warnings(caplog) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            tracker.finish()
+        text = "\n".join(r.getMessage() for r in dashboard_warnings(caplog))
+        assert text, name
+        assert "\\x1b[31m" in text, (name, text)
+        assert not any(not c.isprintable() and c != "\n" for c in text), (name, repr(text))
 
 
 # ---------------------------------------------------------------- the page, in a real browser

@@ -6,8 +6,10 @@ machine. `test_gpu_detection_*` runs the real detection, and `test_real_two_proc
 really starts 2 gloo processes through accelerate launch (about 5-10 s on 2 cores).
 """
 
+import contextlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch.sh"
+LAUNCHER = ROOT / "cr_accel" / "launch_exit.py"  # `accelerate launch`, with the workers' exit codes
 CONFIGS = ROOT / "accelerate_configs"
 CONFIG_NAMES = ["cpu", "deepspeed", "fsdp", "multi_gpu", "multi_node", "single_gpu"]
 
@@ -62,7 +65,7 @@ def test_launch_sh_is_executable_and_has_help():
 def test_cpu_two_processes_uses_the_multi_cpu_recipe():
     words = dry_run("--num-processes", "2", "--config", "c.yaml")
     assert words[:2] == ["env", "ACCELERATE_USE_CPU=1"]
-    assert words[2:5] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert words[2:4] == [sys.executable, str(LAUNCHER)]
     assert value_after(words, "--config_file") == str(CONFIGS / "cpu.yaml")
     assert "--multi_gpu" in words
     assert "--cpu" not in words  # `--cpu --num_processes 2` silently starts one process
@@ -72,7 +75,7 @@ def test_cpu_two_processes_uses_the_multi_cpu_recipe():
 
 def test_cpu_without_num_processes_is_a_plain_single_process_launch():
     words = dry_run("--config", "c.yaml")
-    assert words[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert words[:2] == [sys.executable, str(LAUNCHER)]
     assert value_after(words, "--config_file") == str(CONFIGS / "cpu.yaml")
     assert not {"env", "ACCELERATE_USE_CPU=1", "--multi_gpu", "--num_processes"} & set(words)
     assert words[-3:] == [str(ROOT / "train.py"), "--config", "c.yaml"]
@@ -287,3 +290,148 @@ def test_slurm_example_is_valid_bash_and_matches_the_docs():
     assert "#SBATCH --signal=B:USR1@120" in text
     assert "--resume_from_checkpoint latest" in text
     assert f"```bash\n{text}```" in (ROOT / "docs" / "slurm.md").read_text()
+
+
+# ---------------------------------------------------------------- exit codes through the launcher
+
+# Tiny and long: 16 samples, batch 8, 2 processes -> 1 optimizer step an epoch, a progress line each.
+TINY_RUN = ["--config", ROOT / "configs" / "default.yaml", "data.num_train=16", "data.num_val=8", "data.batch_size=8",
+            "model.base_channels=4", "training.log_every=1", "checkpoint.save_every=1000"]
+REAL_RUN_TIMEOUT = 180  # seconds; a 2-process run takes 5-15 s on a busy 2-core machine
+
+
+def start_launch(*args):
+    """launch.sh running in its own session, stdout and stderr merged on proc.stdout."""
+    from tests.runners import _drains
+
+    env = {k: v for k, v in os.environ.items() if k not in OUTER_LAUNCHER_VARS}
+    env.update(PYTHON=sys.executable, CR_ACCEL_NUM_GPUS="0", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([str(LAUNCH), *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _drains(proc)  # read from the start: a full pipe would stall the launcher
+    return proc
+
+
+@pytest.fixture
+def launched():
+    """Launchers started by a test; any still running at its end are killed with their workers (torchrun
+    starts each worker in a session of its own, so killing the launcher's group would leave them running)."""
+    import signal
+
+    from tests.runners import child_pids
+
+    procs = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            for pid in child_pids(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def assert_no_launcher_noise(output):
+    for noise in ("Traceback", "ChildFailedError", "exitcode", "closing signal", "death signal"):
+        assert noise not in output, f"{noise!r} shown:\n{output[-4000:]}"
+
+
+def test_a_user_error_on_2_processes_exits_2_with_its_message_once(tmp_path):
+    # Caught after the Accelerator (and the gloo group) exists: the checkpoint is read on every rank.
+    corrupt = tmp_path / "ckpt"
+    corrupt.mkdir()
+    (corrupt / "manifest.json").write_text("{not json")
+    run_dir = tmp_path / "run"
+    result = launch("--num-processes", "2", *TINY_RUN, f"output.dir={run_dir}", "--resume_from_checkpoint", corrupt,
+                    extra_env={"OMP_NUM_THREADS": "1"}, timeout=REAL_RUN_TIMEOUT)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-4000:]
+    message = f"error: checkpoint `{corrupt}`: the manifest is not valid JSON"
+    assert output.count(message) == 1, output[-4000:]
+    assert output.count("error:") == 1, output[-4000:]
+    assert_no_launcher_noise(output)
+    assert not run_dir.exists()
+
+
+def wait_for_training(proc):
+    from tests.runners import read_lines_until
+
+    read_lines_until(proc, lambda line: re.match(r"epoch \d+ step \d+/\d+ loss ", line), timeout=REAL_RUN_TIMEOUT)
+
+
+@pytest.mark.parametrize("target", ["launcher", "one worker"])
+def test_a_preempted_2_process_run_exits_75(tmp_path, launched, target):
+    """SIGTERM to launch.sh (what SLURM or `kill` does; torchrun's agent passes it on to the workers) or to
+    one worker only (the other learns it through the trainer's all-reduce): both save `last/` and stop."""
+    import signal
+
+    from cr_accel import checkpoint
+    from tests.runners import child_pids, finish
+
+    run_dir = tmp_path / "run"
+    proc = start_launch("--num-processes", "2", *TINY_RUN, "training.epochs=100000", f"output.dir={run_dir}")
+    launched.append(proc)
+    wait_for_training(proc)
+    workers = sorted(child_pids(proc.pid))
+    assert len(workers) == 2, workers
+    os.kill(proc.pid if target == "launcher" else workers[1], signal.SIGTERM)
+    output, _ = finish(proc, timeout=REAL_RUN_TIMEOUT)
+    assert proc.returncode == 75, output[-4000:]
+    assert_no_launcher_noise(output)
+    checkpoint.verify(run_dir / "checkpoints" / "last")
+    assert checkpoint.read_state(run_dir / "checkpoints" / "last")["trainer"]["world_size"] == 2
+
+
+def test_launch_sh_prefers_the_project_venv(tmp_path):
+    """Right after the quickstart, `python` on PATH is the system's (no accelerate): launch.sh must use .venv."""
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    if not venv_python.exists():
+        pytest.skip("no .venv in this checkout (scripts/setup.sh makes it)")
+    bare_path = str(tmp_path / "empty-bin") + ":/usr/bin:/bin"  # no venv on it
+    env = {k: v for k, v in os.environ.items() if k not in OUTER_LAUNCHER_VARS and k != "PYTHON"}
+    env.update(PATH=bare_path, CR_ACCEL_NUM_GPUS="0")
+    words = shlex.split(subprocess.run([str(LAUNCH), "--dry-run", "--config", "c.yaml"], env=env, cwd=tmp_path,
+                                       capture_output=True, text=True, check=True).stdout)
+    assert words[:2] == [str(venv_python), str(LAUNCHER)]
+    # A real one-process run from another folder: accelerate and cr_accel come from .venv.
+    script = tmp_path / "which_python.py"
+    script.write_text("import sys, accelerate; print('PYTHON', sys.executable); sys.exit(int(sys.argv[1]))\n")
+    env.update(CR_ACCEL_TRAIN_SCRIPT=str(script))
+    result = subprocess.run([str(LAUNCH), "2"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=REAL_RUN_TIMEOUT)
+    assert result.returncode == 2, result.stderr[-3000:]  # one process: accelerate would raise CalledProcessError
+    assert f"PYTHON {venv_python}" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_the_root_cause_decides_the_exit_code(tmp_path, monkeypatch):
+    """The workers' records (written by `recorded`) decide; torchrun's own report only without records."""
+    import subprocess as sp
+    from types import SimpleNamespace
+
+    from cr_accel.launch_exit import EXIT_DIR_ENV, exit_code, read_records, recorded
+
+    monkeypatch.setenv(EXIT_DIR_ENV, str(tmp_path))
+    for rank, code in (("1", 75), ("0", 2)):
+        monkeypatch.setenv("RANK", rank)
+        assert recorded(lambda: code) == code
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(SystemExit):
+        recorded(lambda: sys.exit(None))
+    (tmp_path / "rank9.json").write_text('{"half": ')  # ignored, not fatal
+    records = read_records(tmp_path)
+    assert [(rank, code) for _, rank, code in records] == [(1, 75), (0, 2), (2, 0)]
+    failure = RuntimeError("the agent's report")
+    assert exit_code(records, failure) == 75  # rank 1 exited first
+    assert exit_code([(1.0, 1, 1), (2.0, 0, 2)], failure) == 1  # a crash first: a failure, whatever follows
+    assert exit_code([(1.0, 0, 2), (2.0, 1, 1)], failure) == 2  # the peer failed because rank 0 had left
+    assert exit_code([(1.0, 0, 0)], None) == 0
+    assert exit_code([(1.0, 0, -15)], failure) == 1
+    # No records (a script without `recorded`): torchrun's root cause, accelerate's one process, or nothing.
+    child_failed = SimpleNamespace(get_first_failure=lambda: (1, SimpleNamespace(exitcode=75)))
+    assert exit_code([], child_failed) == 75
+    assert exit_code([], sp.CalledProcessError(2, ["python"])) == 2
+    assert exit_code([], sp.CalledProcessError(-9, ["python"])) == 1
+    assert exit_code([], KeyboardInterrupt()) == 1
+    assert exit_code([], SystemExit(0)) == 0

@@ -18,10 +18,15 @@ Writes need `Authorization: Bearer <token>` when --token is set; reads stay open
 login: the server listens on 127.0.0.1 unless told otherwise, and what it shows is training curves.
 Writes also need `Content-Type: application/json`, which a web page from another site cannot send
 without the browser asking first (and this server never says yes), so a page cannot post fake runs.
-Bad input is answered with a 4xx and {"ok": false, "error": "..."}; the server keeps serving.
+Bad input is answered with a 4xx and {"ok": false, "error": "..."}; the server keeps serving. A client
+that stalls mid-request gets 408 after `request_timeout` seconds (default 5), its thread freed.
+Every response carries security headers (`SECURITY_HEADERS`, and a Content-Security-Policy that allows
+the page's own inline script by its hash, requests to this server only, and no framing).
 """
 
 import argparse
+import base64
+import hashlib
 import hmac
 import json
 import logging
@@ -45,6 +50,13 @@ logger = logging.getLogger("cr_accel.dashboard.server")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 TOKEN_ENV = "CR_ACCEL_DASHBOARD_TOKEN"
+DEFAULT_REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request line, headers or body
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",  # a PNG or JSON answer is never run as a script or page
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",  # with CSP frame-ancestors: no clickjacking in a frame
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
 _RUN = rf"/api/runs/(?P<run_id>{schema.RUN_ID_PATTERN})"
 # (path pattern, {method: handler name}); a path that matches none is a 404, a method not listed a 405.
 _ROUTES = [
@@ -70,8 +82,10 @@ class DashboardServer(ThreadingHTTPServer):
     daemon_threads = True  # a hanging client never keeps the process alive
     allow_reuse_address = True
 
-    def __init__(self, address, store, token=None, verbose=False, max_body=schema.MAX_BODY_BYTES):
+    def __init__(self, address, store, token=None, verbose=False, max_body=schema.MAX_BODY_BYTES,
+                 request_timeout=DEFAULT_REQUEST_TIMEOUT):
         self.store, self.token, self.verbose, self.max_body = store, token or None, verbose, max_body
+        self.request_timeout = float(request_timeout)
         super().__init__(address, Handler)
 
     @property
@@ -91,7 +105,19 @@ class DashboardServer(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "cr_accel-dashboard"
-    timeout = 30  # seconds a client may take to send its request: a stalled one frees its thread
+
+    def setup(self):
+        # The socket timeout for everything read from the client (StreamRequestHandler applies it): a
+        # stalled request frees its thread; a stalled body gets 408 (`_read_json`).
+        self.timeout = self.server.request_timeout
+        super().setup()
+
+    def end_headers(self):
+        # Every response, including the ones http.server makes itself (send_error: bad request lines).
+        for key, value in SECURITY_HEADERS.items():
+            self.send_header(key, value)
+        self.send_header("Content-Security-Policy", content_security_policy())
+        super().end_headers()
 
     def do_GET(self):
         self._dispatch("GET")
@@ -178,7 +204,12 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body stays unread: this connection cannot be reused
             raise HTTPError(413, f"body of {length} bytes is over the limit of {self.server.max_body} bytes "
                                  "(a smaller samples picture fits)")
-        raw = self.rfile.read(length) if length else b""
+        try:
+            raw = self.rfile.read(length) if length else b""
+        except TimeoutError:  # socket.timeout: the client sent the headers, then stalled
+            self.close_connection = True
+            raise HTTPError(408, f"the body did not arrive within {self.server.request_timeout:g} s "
+                                 f"(Content-Length {length})") from None
         if len(raw) < length:
             self.close_connection = True
             raise HTTPError(400, f"body ended after {len(raw)} of {length} bytes")
@@ -288,11 +319,26 @@ def page_html():
     return _page_cache["page"]
 
 
-def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, db_path="runs.sqlite", token=None, verbose=False):
-    """A ready DashboardServer (socket bound; port 0 picks a free one, see `.url`). Call serve_forever()."""
+def content_security_policy():
+    """The page's policy: its one inline script by sha256 (computed from the file, so an edited page keeps
+    working), inline styles (the page sets colours in style attributes), images and fetch() from this server
+    only, nothing else; no framing, no forms, no <base>."""
+    if "csp" not in _page_cache:
+        scripts = re.findall(rb"<script>(.*?)</script>", page_html(), re.S)
+        hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'" for s in scripts)
+        _page_cache["csp"] = (f"default-src 'none'; script-src {hashes or repr('none')}; "
+                              "style-src 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+                              "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return _page_cache["csp"]
+
+
+def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, db_path="runs.sqlite", token=None, verbose=False,
+                request_timeout=DEFAULT_REQUEST_TIMEOUT):
+    """A ready DashboardServer (socket bound; port 0 picks a free one, see `.url`). Call serve_forever().
+    `request_timeout`: seconds a client may stall mid-request before it gets 408 (or is dropped)."""
     store = RunStore(db_path)
     try:
-        return DashboardServer((host, port), store, token=token, verbose=verbose)
+        return DashboardServer((host, port), store, token=token, verbose=verbose, request_timeout=request_timeout)
     except BaseException:
         store.close()
         raise
@@ -308,6 +354,8 @@ def parser(prog="cr-accel dashboard"):
     p.add_argument("--db", default="runs.sqlite", help="SQLite file holding the runs (default %(default)s)")
     p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                    help=f"require `Authorization: Bearer TOKEN` on writes (default: ${TOKEN_ENV}, else none)")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT, metavar="S",
+                   help="seconds a client may stall mid-request before it gets 408 (default %(default)s)")
     p.add_argument("--verbose", action="store_true", help="log every request on stderr")
     return p
 
@@ -322,8 +370,12 @@ def main(argv=None):
     if not 0 <= args.port <= 65535:
         print(f"error: --port must be 0-65535, got {args.port}", file=sys.stderr)
         return 2
+    if not args.request_timeout > 0:
+        print(f"error: --request-timeout must be more than 0 seconds, got {args.request_timeout}", file=sys.stderr)
+        return 2
     try:
-        server = make_server(args.host, args.port, args.db, token=args.token, verbose=args.verbose)
+        server = make_server(args.host, args.port, args.db, token=args.token, verbose=args.verbose,
+                             request_timeout=args.request_timeout)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

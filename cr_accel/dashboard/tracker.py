@@ -310,11 +310,13 @@ class DashboardTracker(GeneralTracker):
                                 f"cr_accel dashboard: {self.url} rejected a {msg.kind} message ({detail}); left out")
 
     def _deliver(self, msg, payload, png):
-        """One try: ("ok" | "retry" | "drop" | "restart", detail)."""
+        """One try: ("ok" | "retry" | "drop" | "restart", detail). The detail quotes what the server sent,
+        so it is made printable here, before any warning shows it."""
         try:
-            return self._try(msg, payload, png)
+            outcome, detail = self._try(msg, payload, png)
         except Exception as exc:  # not a network error: a bug or an odd value; the thread must not die
-            return "retry", f"{type(exc).__name__}: {exc}"
+            outcome, detail = "retry", f"{type(exc).__name__}: {exc}"
+        return outcome, printable(detail)
 
     def _try(self, msg, payload, png):
         try:
@@ -389,6 +391,15 @@ def remember_run_id(output_dir, run_id):
     path = Path(output_dir) / _RUN_ID_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
+
+
+def printable(text, limit=300):
+    """`text` safe for a terminal: control and other non-printing characters (ESC and its colour or
+    cursor codes, carriage returns, bidi overrides) written as escapes like \\x1b, at most `limit` chars."""
+    text = str(text)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _parse_answer(text):
