@@ -1,6 +1,5 @@
 """Shared test fixtures: the repo root and running the real command line in a subprocess."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -8,19 +7,14 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.runners import clean_env
 
-# Launcher variables from an outer `accelerate launch`/torchrun would turn a test run into a rank of someone
-# else's job; ACCELERATE_USE_CPU=1 makes "this run has no GPU" true on every machine, so CPU-only
-# expectations (fp16 refused, precision `no`, device cpu) hold on a GPU box too.
-_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli_env():
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
-    env["ACCELERATE_USE_CPU"] = "1"
-    env["PYTHONPATH"] = str(REPO_ROOT)  # this checkout's cr_accel, not whichever one is installed
-    return env
+    """The environment of a command a test runs: `tests.runners.clean_env`, the one definition."""
+    return clean_env()
 
 
 def _run_command(argv, timeout=120, cwd=REPO_ROOT):
