@@ -1,4 +1,4 @@
-"""Shared test fixtures: the repo root and running the real command line in a subprocess."""
+"""Shared test fixtures: the repo root, running the real command line in a subprocess, every test on the CPU."""
 
 import shutil
 import subprocess
@@ -39,6 +39,14 @@ def console_script(name="cr-accel"):
     found = str(candidate) if candidate.exists() else shutil.which(name)
     assert found, f"console script `{name}` is not installed; run `pip install -e .` in the venv"
     return found
+
+
+@pytest.fixture(autouse=True)
+def cpu_only(monkeypatch):
+    """Every test trains on the CPU, in process too (subprocesses get it from `clean_env`): on a GPU machine a
+    Trainer built in the test would otherwise pick CUDA and `auto` precision would mean bf16, so the CPU
+    expectations (fp32, bitwise-equal resumes, fp16 refused) would silently be tested on something else."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
 
 
 @pytest.fixture(autouse=True)
