@@ -51,6 +51,17 @@ def clean_env(**extra):
 _env = clean_env  # the earlier private name
 
 
+def example_data_script():
+    """scripts/make_example_data.py as a module (scripts/ is not a package): `write_example_data(out)`,
+    `FILES`, `DEFAULT_OUT`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_example_data", ROOT / "scripts" / "make_example_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def launch_2_cpu_processes(script, *args, timeout=300):
     """The CPU recipe from ACCELERATE_NOTES: --cpu would start one process; this starts a gloo pair."""
     return subprocess.run(_launch_cmd(script, args), cwd=ROOT, env=clean_env(), capture_output=True, text=True,
