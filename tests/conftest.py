@@ -1,4 +1,5 @@
-"""Shared test fixtures: the repo root, running the real command line in a subprocess, every test on the CPU."""
+"""Shared test fixtures: the repo root, running the real command line in a subprocess, every test on the CPU,
+and the example data that the configs in configs/ point at."""
 
 import shutil
 import subprocess
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runners import clean_env
+from tests.runners import clean_env, example_data_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,17 @@ def cpu_only(monkeypatch):
     Trainer built in the test would otherwise pick CUDA and `auto` precision would mean bf16, so the CPU
     expectations (fp32, bitwise-equal resumes, fp16 refused) would silently be tested on something else."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def example_data():
+    """The example data files the configs in configs/ point at (examples/data/, not committed), written by
+    the same script a user runs, when missing; tests that train on them generate their own copy in tmp_path."""
+    script = example_data_script()
+    out = script.DEFAULT_OUT
+    if not all((out / name).is_file() for name in script.FILES):
+        script.write_example_data(out)
+    return out
 
 
 @pytest.fixture(autouse=True)
