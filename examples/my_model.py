@@ -12,9 +12,9 @@ class, no special methods. Before training starts, cr_accel checks the config's 
 being ignored.
 
 To use a copy of this file for your own project, put it in a package of yours (`my_project/models.py`)
-and set `model.name: my_project.models:YourClass`. The module must be importable: `python train.py` run
-from the folder that holds `my_project/` finds it; anywhere else, install the package or add its folder to
-PYTHONPATH.
+and set `model.name: my_project.models:YourClass`. The module must be importable: `python train.py` puts
+the repository root on the import path (so `examples.my_model` is found); for a package elsewhere, install
+it or add the folder that holds `my_project/` to PYTHONPATH.
 """
 
 from torch import nn
