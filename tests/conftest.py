@@ -1,6 +1,6 @@
-"""Shared test fixtures: the repo root and running the real command line in a subprocess."""
+"""Shared test fixtures: the repo root, running the real command line in a subprocess, every test on the CPU,
+and the example data that the configs in configs/ point at."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -8,19 +8,14 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.runners import clean_env, example_data_script
 
-# Launcher variables from an outer `accelerate launch`/torchrun would turn a test run into a rank of someone
-# else's job; ACCELERATE_USE_CPU=1 makes "this run has no GPU" true on every machine, so CPU-only
-# expectations (fp16 refused, precision `no`, device cpu) hold on a GPU box too.
-_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli_env():
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
-    env["ACCELERATE_USE_CPU"] = "1"
-    env["PYTHONPATH"] = str(REPO_ROOT)  # this checkout's cr_accel, not whichever one is installed
-    return env
+    """The environment of a command a test runs: `tests.runners.clean_env`, the one definition."""
+    return clean_env()
 
 
 def _run_command(argv, timeout=120, cwd=REPO_ROOT):
@@ -45,6 +40,25 @@ def console_script(name="cr-accel"):
     found = str(candidate) if candidate.exists() else shutil.which(name)
     assert found, f"console script `{name}` is not installed; run `pip install -e .` in the venv"
     return found
+
+
+@pytest.fixture(autouse=True)
+def cpu_only(monkeypatch):
+    """Every test trains on the CPU, in process too (subprocesses get it from `clean_env`): on a GPU machine a
+    Trainer built in the test would otherwise pick CUDA and `auto` precision would mean bf16, so the CPU
+    expectations (fp32, bitwise-equal resumes, fp16 refused) would silently be tested on something else."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def example_data():
+    """The example data files the configs in configs/ point at (examples/data/, not committed), written by
+    the same script a user runs, when missing; tests that train on them generate their own copy in tmp_path."""
+    script = example_data_script()
+    out = script.DEFAULT_OUT
+    if not all((out / name).is_file() for name in script.FILES):
+        script.write_example_data(out)
+    return out
 
 
 @pytest.fixture(autouse=True)

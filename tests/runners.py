@@ -25,15 +25,46 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    # Scripts under tests/ would otherwise import the installed cr_accel, which may be another checkout's.
-    return dict(env, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+# Set by an outer `accelerate launch`/torchrun for its ranks: inherited, they would turn a test's process into
+# a rank of someone else's job.
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env(**extra):
+    """The environment of every process a test starts (train.py, probe scripts, launchers, servers).
+
+    - the outer launcher's variables (LAUNCHER_VARS) removed;
+    - ACCELERATE_USE_CPU=1: "this run has no GPU" is true on every machine, so CPU-only expectations
+      (fp16 refused, precision `no`, device cpu, bitwise resume) hold on a GPU box too;
+    - OMP_NUM_THREADS=1: each process computes with one thread whatever the machine's core count, and a
+      pair of processes does not oversubscribe a 2-core machine;
+    - PYTHONPATH=the repo root: scripts import this checkout's cr_accel (not whichever one is installed),
+      and `tests.*` / `examples.*` targets named in configs.
+    `extra` is set last. (Not called test_env: pytest would collect it in every module that imports it.)
+    """
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+_env = clean_env  # the earlier private name
+
+
+def example_data_script():
+    """scripts/make_example_data.py as a module (scripts/ is not a package): `write_example_data(out)`,
+    `FILES`, `DEFAULT_OUT`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_example_data", ROOT / "scripts" / "make_example_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def launch_2_cpu_processes(script, *args, timeout=300):
     """The CPU recipe from ACCELERATE_NOTES: --cpu would start one process; this starts a gloo pair."""
-    return subprocess.run(_launch_cmd(script, args), cwd=ROOT, env=_env(), capture_output=True, text=True,
+    return subprocess.run(_launch_cmd(script, args), cwd=ROOT, env=clean_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -50,7 +81,7 @@ def _start(cmd, **popen):
     """A process in its own session (so `kill_tree` can end it and everything it started), stdout read
     line by line. Not PYTHONUNBUFFERED: unbuffered, print() writes a line and its newline in two calls, and
     another training process on the same pipe can land between them; flushed buffers hold whole lines."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True, start_new_session=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, text=True, start_new_session=True,
                             **popen)
     proc.own_group = True
     _drains(proc)  # read from the start: a full pipe would stall the launcher
@@ -72,12 +103,12 @@ def start_2_machines(script, *args):
 
 def run_1_process(script, *args, timeout=300):
     return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=_env())
+                          timeout=timeout, env=clean_env())
 
 
 def start_1_process(script, *args):
     """A running process whose stdout can be read line by line (for signals at a chosen moment)."""
-    return subprocess.Popen([sys.executable, "-u", str(script), *map(str, args)], cwd=ROOT, env=_env(),
+    return subprocess.Popen([sys.executable, "-u", str(script), *map(str, args)], cwd=ROOT, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

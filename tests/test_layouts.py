@@ -27,7 +27,7 @@ from cr_accel.checkpoint.files import list_files
 from cr_accel.checkpoint.layouts import (DEEPSPEED, FSDP_FULL, FSDP_SHARDED, FSDP_SHARDED_LOCAL, PLAIN, detect,
                                          load_model_state, model_shapes)
 from cr_accel.checkpoint.store import _write_manifest
-from tests.runners import ROOT, free_port
+from tests.runners import ROOT, clean_env, free_port
 
 # DCP's no_dist=True writes in one process on purpose; its warning says it assumes so.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -257,9 +257,8 @@ def fsdp2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     script = out / "fsdp2_worker.py"
     script.write_text(FSDP2_WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     result = subprocess.run([sys.executable, str(script), str(out), str(free_port())], cwd=ROOT, timeout=240,
-                            env=dict(env, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), capture_output=True, text=True)
+                            env=clean_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return types.SimpleNamespace(sharded=out / "sharded", full=out / "full",
                                  reference=load_file(out / "reference.safetensors"))
