@@ -23,6 +23,15 @@ PARTS = {
 }
 
 
+def _with_synonym(key, message):
+    """A name people bring from other trainers (`learning_rate`) gets the key it is here (`optimizer.lr`)."""
+    from .config import SYNONYMS
+
+    if key in SYNONYMS and "did you mean" not in message:
+        return f"{message}; did you mean `{SYNONYMS[key]}`?"
+    return message
+
+
 def check_components(cfg):
     problems = []
     for section, (registry, injected) in PARTS.items():
@@ -34,7 +43,8 @@ def check_components(cfg):
             continue
         # `seed` is passed only to dataset builders that take it.
         injected = tuple(n for n in injected if n != "seed" or accepts(builder, "seed"))
-        problems += [(f"{section}.{key}", msg) for key, msg in check_kwargs(builder, section_cfg.kwargs, injected)]
+        problems += [(f"{section}.{key}", _with_synonym(key, msg))
+                     for key, msg in check_kwargs(builder, section_cfg.kwargs, injected)]
     problems += _check_paths(cfg.data.kwargs)
     for i, name in enumerate(cfg.training.metrics):
         try:

@@ -217,10 +217,15 @@ def config_from_dict(raw, check_components=True, problems=None):
 
 def _read_yaml_file(path):
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file `{path}` is a folder; pass a YAML file, e.g. --config configs/default.yaml")
     if not path.is_file():
         raise UserError(f"config file `{path}` does not exist; pass an existing YAML file, e.g. --config configs/default.yaml")
     try:
-        raw = parse_yaml(path.read_text())
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file `{path}` is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                        "save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise UserError(f"config file `{path}` is not valid YAML: {exc}") from None
     if raw is None:

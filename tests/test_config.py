@@ -51,6 +51,8 @@ class Bad:
     text: str = None  # raw file content instead of a patch
     overrides: list = field(default_factory=list)
     missing_file: bool = False  # pass --config of a file that does not exist
+    raw_bytes: bytes = None  # the file's bytes, for encodings other than UTF-8
+    folder: bool = False  # pass --config of a folder
 
 
 BAD = [
@@ -100,6 +102,11 @@ BAD = [
         patch={"training": {"gradient_accumulation_steps": 0}}),
     Bad("config_file_missing", [r"config file `[^`]*no_such_config\.yaml` does not exist", r"--config"],
         missing_file=True),
+    Bad("config_not_utf8", [r"config file `[^`]*config\.yaml` is not UTF-8 text \(byte 15: b'\\xff'\); save it as UTF-8"],
+        raw_bytes=b"model:\n  name: \xff\xfe\n"),
+    Bad("config_is_a_folder", [r"config file `[^`]*config\.yaml` is a folder; pass a YAML file"], folder=True),
+    Bad("synonym_inside_a_part_section", [r"`optimizer\.learning_rate`: is not a parameter of `adamw`",
+                                          r"did you mean `optimizer\.lr`\?"], overrides=["optimizer.learning_rate=1e-3"]),
     Bad("yaml_not_a_mapping", [r"config file `[^`]*config\.yaml` must hold a mapping of sections", r"not list"],
         text="- model\n- data\n"),
     Bad("yaml_syntax_error", [r"config file `[^`]*config\.yaml` is not valid YAML", r"line \d+"],
@@ -137,7 +144,11 @@ def _merge(base, patch):
 def _run_bad(case, case_dir, run_train):
     case_dir.mkdir(parents=True)
     config = case_dir / ("no_such_config.yaml" if case.missing_file else "config.yaml")
-    if case.text is not None:
+    if case.folder:
+        config.mkdir()  # a folder where the file should be
+    elif case.raw_bytes is not None:
+        config.write_bytes(case.raw_bytes)
+    elif case.text is not None:
         config.write_text(case.text)
     elif not case.missing_file:
         merged = _merge(parse_yaml(DEFAULT.read_text()), case.patch or {})
