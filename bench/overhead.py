@@ -28,7 +28,7 @@ BENCH_ENV = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     # Without these, glibc returns freed memory to the OS and takes it back with page faults, which
-    # dominates run-to-run noise on compute-bound CPU workloads (see /work/shared/ACCELERATE_NOTES.md).
+    # dominates run-to-run noise on compute-bound CPU workloads (with them, ratios repeat within about 0.03).
     "MALLOC_MMAP_THRESHOLD_": "33554432",
     "MALLOC_TRIM_THRESHOLD_": "1073741824",
 }

@@ -19,9 +19,6 @@ import yaml
 
 from .errors import ConfigError, UserError
 
-MIXED_PRECISION = ("no", "fp16", "bf16", "auto")
-
-
 @dataclass
 class ModelConfig:
     """`name` picks the model; every other key is passed to its constructor."""

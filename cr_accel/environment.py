@@ -8,9 +8,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, DistributedType
 
 from .config import cuda_available
+
+
+# Distributed types whose model is an ordinary module on every process (no sharding, no engine): the step can
+# call torch directly, state dicts are plain, and every rank can run the model on its own.
+UNSHARDED_TYPES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 def pick_precision(requested):

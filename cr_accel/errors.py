@@ -2,9 +2,8 @@
 
 
 class UserError(Exception):
-    """A problem in the user's input (config, paths, checkpoints) with a message that says how to fix it."""
-
-    exit_code = 2
+    """A problem in the user's input (config, paths, checkpoints) with a message that says how to fix it
+    (the command line exits 2 for it)."""
 
 
 class ConfigError(UserError):

@@ -84,10 +84,6 @@ class StepSchedule:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * f
 
-    def get_last_lr(self):
-        """The LR the next optimizer step will use."""
-        return [group["lr"] for group in self.optimizer.param_groups]
-
     def lr_of_last_step(self):
         """The LR the most recent optimizer step used (the next one's before any step)."""
         step = max(self.step_count - 1, 0)

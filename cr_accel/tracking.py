@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
 
-_UNSHARDED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+from .environment import UNSHARDED_TYPES
+
 DASHBOARD = "cr_accel_dashboard"  # DashboardTracker.name: where log_kwargs for it go
 
 
@@ -80,7 +80,7 @@ class EpochTrackers:
         from .dashboard.images import samples_png
 
         acc = trainer.accelerator
-        if not self._pictures or acc.distributed_type not in _UNSHARDED:  # sharded: every rank must run it
+        if not self._pictures or acc.distributed_type not in UNSHARDED_TYPES:  # sharded: every rank must run it
             return None
         val = trainer.data.val
         pairs = [val[i] for i in range(min(self.samples_per_picture, len(val)))]

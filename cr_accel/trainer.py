@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from . import checkpoint, components
 from .callbacks import CallbackList, Event
 from .checkpoint.async_writer import BackgroundSave, snapshot_supported
-from .environment import describe_environment, make_accelerator
+from .environment import UNSHARDED_TYPES, describe_environment, make_accelerator
 from .models import count_parameters
 from .preemption import Preemption
 from .progress import Progress
@@ -32,7 +32,6 @@ from .tracking import EpochTrackers
 
 # Where accelerate's wrappers only add Python overhead (about 250 us per step: see the benchmark notes),
 # the step calls torch directly. Anything with a GradScaler, sharding or an engine goes through accelerate.
-_PLAIN_TYPES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 class _Counter:
@@ -84,7 +83,7 @@ class Trainer(SavingMixin, ResumeMixin):
         # The schedule is stepped by the trainer once per optimizer step, not prepared by accelerate.
         self.schedule = components.build_schedule(cfg, optimizer, self._size_steps())
 
-        self.plain_step = acc.scaler is None and acc.distributed_type in _PLAIN_TYPES
+        self.plain_step = acc.scaler is None and acc.distributed_type in UNSHARDED_TYPES
         self.step_optimizer = optimizer if self.plain_step else self.optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_grad_norm = t.grad_clip if t.grad_clip is not None else math.inf

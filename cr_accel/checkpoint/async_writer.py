@@ -21,13 +21,12 @@ import weakref
 
 import numpy as np
 import torch
-from accelerate.utils import DistributedType
 
-_SNAPSHOT_TYPES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+from ..environment import UNSHARDED_TYPES
 
 
 def snapshot_supported(accelerator):
-    return accelerator.distributed_type in _SNAPSHOT_TYPES
+    return accelerator.distributed_type in UNSHARDED_TYPES
 
 
 class Frozen:

@@ -29,7 +29,6 @@ RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _RUN_ID = re.compile(RUN_ID_PATTERN)
 START_FIELDS = ("config", "info", "world_size", "device", "epochs_done")  # besides run_id and name
 END_STATUSES = ("finished", "failed", "preempted", "stopped_early")
-STATUSES = ("running",) + END_STATUSES
 MAX_BODY_BYTES = 4 * 2**20
 MAX_EPOCH = 2**31 - 1
 MAX_STEP = 2**63 - 1
