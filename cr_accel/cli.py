@@ -25,6 +25,8 @@ def train_parser(prog="train.py"):
     p.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", metavar="PATH|latest",
                    help="continue from a checkpoint folder, or the newest complete one in output.dir")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output.dir")
+    p.add_argument("--allow-config-change", "--allow_config_change", action="store_true",
+                   help="resume although the config differs from the checkpoint's (the changes are logged)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p
 
@@ -44,7 +46,7 @@ def run_training(args):
     from .trainer import Trainer
 
     try:
-        status = Trainer(cfg).train(resume_from_checkpoint=resume)
+        status = Trainer(cfg).train(resume_from_checkpoint=resume, allow_config_change=args.allow_config_change)
     except NonFiniteLossError as exc:
         _error(f"training stopped: {exc}")
         return EXIT_TRAINING_FAILED

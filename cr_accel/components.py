@@ -96,13 +96,13 @@ def build_optimizer(cfg, params):
 
 def build_schedule(cfg, optimizer, num_training_steps):
     s = cfg.scheduler
-    factor = schedule.SCHEDULES.resolve(s.name)(
-        num_training_steps=num_training_steps,
-        num_warmup_steps=schedule.warmup_steps_for(s, num_training_steps),
-        min_lr_ratio=s.min_lr_ratio,
-        **s.kwargs,
-    )
-    return schedule.StepSchedule(optimizer, factor)
+    builder = schedule.SCHEDULES.resolve(s.name)
+
+    def make_factor(total, warmup):
+        return builder(num_training_steps=total, num_warmup_steps=warmup, min_lr_ratio=s.min_lr_ratio, **s.kwargs)
+
+    return schedule.StepSchedule(optimizer, make_factor, num_training_steps,
+                                 schedule.warmup_steps_for(s, num_training_steps))
 
 
 def build_metrics(cfg):

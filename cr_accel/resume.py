@@ -11,6 +11,13 @@ accumulation a*N/M, so every optimizer step still sees the same N*a micro-batche
 steps and the LR schedule is unchanged. It is exact up to the order of floating-point reductions, not
 bitwise; each process's RNG is re-derived from (seed, rank, step), since the saved streams belonged to
 other ranks.
+
+The config is compared with the checkpoint's own `config.yaml` (`cr_accel.config_diff`): a change of a key
+that changes the run is refused -- for `latest` too, without trying older checkpoints -- unless
+`allow_config_change`; then every changed key is logged, changed optimizer settings take effect (the
+optimizer's saved ones would otherwise win), and a run made longer or shorter re-times the rest of the LR
+schedule (`StepSchedule.retime`). The accumulation an elastic resume derives is not in the config, so it
+is no change; a hand-made one is.
 """
 
 import hashlib
@@ -20,9 +27,10 @@ import random
 import numpy as np
 import torch
 
-from . import components
+from . import schedule
 from .checkpoint import CheckpointError, check_model_matches, check_rng_restored, store
 from .checkpoint.store import load_refusing_pickles
+from .config_diff import ConfigChangedError, check_config, describe, read_checkpoint_config
 
 
 def elastic_accumulation(saved_world_size, saved_accumulation, world_size):
@@ -79,21 +87,23 @@ def verify_and_read(path):
 class ResumeMixin:
     """The Trainer's resume: the candidates tried in order, each loaded on every process or on none."""
 
-    def _resume(self, where):
+    def _resume(self, where, allow_config_change=False):
         """Load `where` (a folder, or `latest`): see the module's docstring for what is tried and refused."""
         rejected = []
         for path, problem in candidates(self.checkpoints, where):
             try:
                 if problem is not None:
                     raise CheckpointError(problem)
-                self._load_checkpoint(path)
+                notes = self._load_checkpoint(path, allow_config_change)
             except CheckpointError as exc:
-                if where != "latest":
+                if where != "latest" or isinstance(exc, ConfigChangedError):
                     raise
                 rejected.append((path, exc))
                 continue
             for skipped, why in rejected:  # logged only now: a refused resume leaves the log untouched
                 self.log.info(f"skipping checkpoint {skipped}: {why}")
+            for note in notes:
+                self.log.info(note)
             self.csv.keep_epochs(self.epoch)  # rows logged after the checkpoint are re-run now
             self.log.info(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
                           f"step {self.global_step}")
@@ -107,18 +117,20 @@ class ResumeMixin:
         self.log.info(f"no complete checkpoint in {self.checkpoints.root} (it holds none at all): starting from scratch")
         self.csv.keep_epochs(0)
 
-    def _load_checkpoint(self, path):
-        """Load one checkpoint on every process, or raise CheckpointError on every process."""
+    def _load_checkpoint(self, path, allow_config_change=False):
+        """Load one checkpoint on every process, or raise CheckpointError on every process. Returns the
+        lines to log once the checkpoint is in use (the config changes allowed, a re-timed schedule)."""
         acc = self.accelerator
         problem, loaded = None, None
         try:
-            loaded = self._read_checkpoint(path)
+            loaded = self._read_checkpoint(path, allow_config_change)
         except CheckpointError as exc:
-            problem = str(exc)
+            problem = (isinstance(exc, ConfigChangedError), str(exc))
         problems = agree(acc, problem)
         if problems:
-            raise CheckpointError(problems[0])
-        parts, tensors, accumulation = loaded
+            config_changed, message = problems[0]
+            raise (ConfigChangedError if config_changed else CheckpointError)(message)
+        parts, tensors, accumulation, changes, fresh = loaded
         trainer_part = parts["trainer"]
         elastic = trainer_part["world_size"] != acc.num_processes
         if elastic:
@@ -129,21 +141,70 @@ class ResumeMixin:
         if elastic:
             reseed(self.cfg.seed, acc.process_index, self.global_step)
         self._resumed_mid_epoch = self.batch_in_epoch > 0
+        notes = [f"config change allowed by --allow-config-change: {line}" for line in describe(changes)]
+        self._take_optimizer_changes(changes, *fresh)
+        return notes + self._retime_schedule()
 
-    def _read_checkpoint(self, path):
+    def _read_checkpoint(self, path, allow_config_change=False):
         """Everything that can refuse a checkpoint, before any of this run's state changes."""
         acc = self.accelerator
         parts, tensors = verify_and_read(path)
+        then = read_checkpoint_config(path)
         saved = parts["trainer"]
-        # Checkpoints from before the registry ran with the config's accumulation.
-        accumulation = saved.setdefault("gradient_accumulation_steps", self.cfg.training.gradient_accumulation_steps)
+        # Checkpoints from before the registry ran with their config's accumulation.
+        accumulation = saved.setdefault("gradient_accumulation_steps", then.training.gradient_accumulation_steps)
         if saved["world_size"] != acc.num_processes:
             accumulation = elastic_accumulation(saved["world_size"], accumulation, acc.num_processes)
+        # After the process count (no config fixes that), before the model check (the diff names the keys).
+        changes = check_config(path, then, self.cfg, allow_config_change)
+        # Checkpoints from before the schedule saved its timing ran with their own config's.
+        if "schedule" in parts:
+            parts["schedule"] = {**self._schedule_timing(then, saved), **parts["schedule"]}
         check_model_matches(path, acc.unwrap_model(self.model))
+        # This run's optimizer settings, before load_state puts the checkpoint's into the optimizer.
+        fresh = ([{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups],
+                 list(self.schedule.base_lrs))
         load_accelerate_state(acc, path)
         if saved["world_size"] == acc.num_processes:
             check_rng_restored(path, acc)
-        return parts, tensors, accumulation
+        return parts, tensors, accumulation, changes, fresh
+
+    def _steps_per_epoch(self, batch_size, world_size, accumulation):
+        """Optimizer steps per epoch for a run of `world_size` processes (accelerate evens out the batches)."""
+        batches = math.ceil(len(self.data.train) / batch_size)
+        return math.ceil(math.ceil(batches / world_size) / accumulation)
+
+    def _schedule_timing(self, then, saved):
+        """The LR schedule's length and warm-up for the run that wrote a checkpoint, from its config."""
+        t = then.training
+        total = t.epochs * self._steps_per_epoch(then.data.batch_size, saved["world_size"],
+                                                 saved["gradient_accumulation_steps"])
+        if t.max_steps is not None:
+            total = min(total, t.max_steps)
+        return {"num_training_steps": total, "num_warmup_steps": schedule.warmup_steps_for(then.scheduler, total)}
+
+    def _take_optimizer_changes(self, changes, groups, base_lrs):
+        """Allowed changes of the optimizer section take effect: load_state restored the saved settings."""
+        keys = {key for key, _, _ in changes}
+        if "optimizer.lr" in keys:  # the peak LR the schedule's factor multiplies
+            self.schedule.load_state_dict({**self.schedule.state_dict(), "base_lrs": base_lrs})
+        if any(k.startswith("optimizer.") and k != "optimizer.lr" for k in keys):
+            for group, settings in zip(self.optimizer.param_groups, groups):
+                group.update(settings)
+
+    def _retime_schedule(self):
+        """A run now longer or shorter than the schedule is timed for continues the curve over the new length."""
+        s, step = self.schedule, self.global_step
+        end, factor_here, ended = s.end, s.factor_at(step), s.base_step(step) >= s.num_training_steps - 1
+        if not s.retime(step, self.total_steps):
+            return []
+        notes = [f"LR schedule: the run has {self.total_steps} optimizer steps now, {end} when the checkpoint was "
+                 f"written; from step {step} (LR factor {factor_here:.6g}) the rest of the curve is stretched over "
+                 f"the steps left, down to min_lr_ratio {self.cfg.scheduler.min_lr_ratio} at step {self.total_steps}"]
+        if ended and self.total_steps > step:
+            notes.append(f"LR schedule: it had already reached its end, so the added steps keep its last LR (factor "
+                         f"{factor_here:.6g}); another decay needs a new run with its own schedule")
+        return notes
 
     def _rescale_for_world_size(self, parts, accumulation):
         """The trainer part of a checkpoint from N processes, for this run's M: the same global position."""
@@ -151,12 +212,11 @@ class ResumeMixin:
         n, m, before = saved["world_size"], self.accelerator.num_processes, saved["gradient_accumulation_steps"]
         saved["batch_in_epoch"] = saved["batch_in_epoch"] * n // m
         saved["gradient_accumulation_steps"] = self.state.gradient_accumulation_steps = accumulation
-        self.schedule.factor = components.build_schedule(self.cfg, self.optimizer, self._size_steps()).factor
+        self._size_steps()  # steps per epoch and in total for the new accumulation; the schedule follows them
         self.log.info(f"elastic resume: the checkpoint was written by {n} process(es), this run has {m}: "
                       f"gradient_accumulation_steps {before} -> {accumulation} keeps the global batch "
                       f"({n * before} micro-batches per optimizer step); exact up to floating-point reduction order")
-        batches = math.ceil(len(self.data.train) / self.cfg.data.batch_size)
-        steps_then = math.ceil(math.ceil(batches / n) / before)
+        steps_then = self._steps_per_epoch(self.cfg.data.batch_size, n, before)
         if steps_then != self.steps_per_epoch:
             self.log.info(f"elastic resume: an epoch has {self.steps_per_epoch} optimizer steps now, {steps_then} "
                           f"with {n} process(es) (its last batches split differently)")

@@ -183,15 +183,17 @@ class Trainer(SavingMixin, ResumeMixin):
 
     # ---------------------------------------------------------------- the loop
 
-    def train(self, resume_from_checkpoint=None):
+    def train(self, resume_from_checkpoint=None, allow_config_change=False):
         """Run to the end (or a stop); returns the status: finished, stopped_early or preempted.
 
         `resume_from_checkpoint`: a checkpoint folder, or "latest" for the newest complete one in
         output.dir (a fresh start when there is none yet, so a requeued job can always pass it).
+        `allow_config_change`: resume although the config differs from the checkpoint's in keys that change
+        the run (the changes are logged); otherwise that is refused with a CheckpointError.
         """
         self.checkpoints.recover()
         if resume_from_checkpoint is not None:
-            self._resume(resume_from_checkpoint)
+            self._resume(resume_from_checkpoint, allow_config_change)
         self._write_run_files()
         if self.trackers:
             self.trackers.start(self)

@@ -103,7 +103,8 @@ def main():
         slow_down_manifests(args.slow_save)
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, callbacks=[Recorder(args.probe, args.stop_at_step, args.print_pid, args.await_signal)])
-    status = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    status = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint,
+                           allow_config_change=args.allow_config_change)
     return PREEMPTED_EXIT_CODE if status == "preempted" else 0
 
 

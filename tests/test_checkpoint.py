@@ -213,7 +213,7 @@ def test_callback_state_and_counters_travel_with_the_checkpoint(tmp_path):
     GradientState._reset_state()
     again = CountEpochs()
     trainer = Trainer(small_cfg(tmp_path, epochs=5), callbacks=[again])
-    trainer.train(resume_from_checkpoint="latest")
+    trainer.train(resume_from_checkpoint="latest", allow_config_change=True)  # 3 -> 5 epochs
     assert again.seen == 5 and trainer.global_step == 20
     with open(tmp_path / "run/metrics.csv", newline="") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3", "4", "5"]
@@ -282,7 +282,8 @@ def finished_run(tmp_path):
 
 def resume_cli(run_dir, *overrides, where=None):
     return run_1_process(ROOT / "train.py", "--config", run_dir / "config.yaml", "training.epochs=3",
-                         *overrides, "--resume_from_checkpoint", where or run_dir / "checkpoints/last")
+                         *overrides, "--allow-config-change", "--resume_from_checkpoint",
+                         where or run_dir / "checkpoints/last")
 
 
 @pytest.mark.parametrize("tamper, message", [

@@ -67,7 +67,7 @@ def plant_pickle(folder, name):
 
 def resume(run, where="latest", *overrides):
     return run_1_process(ROOT / "train.py", "--config", run / "config.yaml", "training.epochs=4", *overrides,
-                         "--resume_from_checkpoint", where)
+                         "--allow-config-change", "--resume_from_checkpoint", where)
 
 
 def tree_fingerprint(root):
