@@ -88,7 +88,17 @@ def main_train(argv=None, prog="train.py"):
         return run_training(args)
     except UserError as exc:
         _error(str(exc))
+        _leave_process_group()
         return EXIT_USER_ERROR
+
+
+def _leave_process_group():
+    """Close this process's side of the process group now: left to interpreter shutdown, a process whose
+    peer has already gone can abort (SIGABRT) instead of exiting with its code."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main_dashboard(argv):
