@@ -30,9 +30,11 @@ def train_parser(prog="train.py"):
 
 
 def run_training(args):
+    from . import preflight
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    preflight.check_parts(cfg)  # the model, loss and optimizer can be built (the batch check is in train())
     resume = args.resume_from_checkpoint
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         raise UserError(f"--resume_from_checkpoint `{resume}` is not a folder; give a checkpoint folder "

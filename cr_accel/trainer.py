@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from . import checkpoint, components
+from . import checkpoint, components, preflight
 from .callbacks import CallbackList, Event
 from .checkpoint.async_writer import BackgroundSave, snapshot_supported
 from .environment import describe_environment, make_accelerator
@@ -190,6 +190,7 @@ class Trainer(SavingMixin, ResumeMixin):
         `resume_from_checkpoint`: a checkpoint folder, or "latest" for the newest complete one in
         output.dir (a fresh start when there is none yet, so a requeued job can always pass it).
         """
+        preflight.run(self)  # one batch through model, loss and metrics, before anything is written
         self.checkpoints.recover()
         if resume_from_checkpoint is not None:
             self._resume(resume_from_checkpoint)
