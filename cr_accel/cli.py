@@ -1,6 +1,7 @@
 """Command line: `train.py` / `cr-accel train` parse arguments here; user errors exit 2 without a traceback."""
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -32,9 +33,11 @@ def train_parser(prog="train.py"):
 
 
 def run_training(args):
+    from . import preflight
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    preflight.check_parts(cfg)  # the model, loss and optimizer can be built (the batch check is in train())
     resume = args.resume_from_checkpoint
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         raise UserError(f"--resume_from_checkpoint `{resume}` is not a folder; give a checkpoint folder "
@@ -109,10 +112,104 @@ def main_dashboard(argv):
 
 
 def main(argv=None):
-    """`cr-accel <command>`: train (and, as they land, more commands)."""
+    """`cr-accel <command>`: train, config, dashboard; `cr-accel --help` lists them."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": lambda rest: main_train(rest, prog="cr-accel train"), "dashboard": main_dashboard}
+    commands = {
+        "train": ("train from a YAML config, overriding any key as section.key=value",
+                  lambda rest: main_train(rest, prog="cr-accel train")),
+        "config": ("show the resolved config as YAML, or check it (parts built, one batch run) writing nothing",
+                   main_config),
+        "dashboard": ("serve the live dashboard that runs with dashboard.enabled=true report to", main_dashboard),
+    }
+    return _dispatch("cr-accel", commands, argv, version=True)
+
+
+# ---------------------------------------------------------------- commands besides train
+
+
+def _dispatch(prog, commands, argv, version=False):
+    """Run `commands[argv[0]]` (name -> (one line of help, fn(rest) -> exit code)); help exits 0, a missing
+    or unknown command exits 2 with the list."""
+    width = max(map(len, commands))
+    usage = (f"usage: {prog} {{{','.join(commands)}}} ...\n\ncommands:\n"
+             + "".join(f"  {name:<{width}}  {line}\n" for name, (line, _) in commands.items())
+             + f"\n{prog} <command> --help shows a command's options"
+             + ("; --version prints the version" if version else ""))
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if version and argv and argv[0] == "--version":
+        from . import __version__
+
+        print(f"cr_accel {__version__}")
+        return 0
     if not argv or argv[0] not in commands:
-        print(f"usage: cr-accel {{{','.join(commands)}}} ...  (cr-accel train --help)", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], commands, n=1) if argv else []
+        problem = f"unknown command `{argv[0]}`" if argv else "no command given"
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        print(f"{usage}\n\nerror: {problem}{hint}", file=sys.stderr)
         return EXIT_USER_ERROR
-    return commands[argv[0]](argv[1:])
+    return commands[argv[0]][1](argv[1:])
+
+
+def main_config(argv):
+    """`cr-accel config show|check --config F [overrides]`."""
+    actions = {
+        "show": ("print the resolved config (file, then overrides, then defaults) as YAML", _config_show),
+        "check": ("validate the config: build its parts and run one batch of each split through model, "
+                  "loss and metrics; writes nothing", _config_check),
+    }
+    runners = {name: functools.partial(_config_action, name, line, fn) for name, (line, fn) in actions.items()}
+    return _dispatch("cr-accel config", {name: (actions[name][0], run) for name, run in runners.items()}, argv)
+
+
+def _config_action(name, description, action, argv):
+    p = argparse.ArgumentParser(prog=f"cr-accel config {name}", description=description,
+                                epilog=f"example: %(prog)s --config configs/default.yaml training.epochs=5")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    args = p.parse_intermixed_args(argv)
+    try:
+        return action(args)
+    except UserError as exc:
+        _error(str(exc))
+        return EXIT_USER_ERROR
+
+
+def _config_show(args):
+    import yaml
+
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _config_check(args):
+    """What `train` checks before it writes its first file, without training: the config, the parts, the
+    preflight batch. Trackers and the dashboard are left out (they would contact servers or create files)."""
+    import dataclasses
+
+    from . import preflight
+    from .config import load_config
+    from .models import count_parameters
+    from .trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    preflight.check_parts(cfg)
+    quiet = dataclasses.replace(cfg, dashboard=dataclasses.replace(cfg.dashboard, enabled=False),
+                                output=dataclasses.replace(cfg.output, trackers=[]))
+    trainer = Trainer(quiet)
+    preflight.run(trainer)
+    meta, data = trainer.data.metadata, trainer.data
+    shapes = (f"; inputs {meta['input_shape']} {meta.get('input_dtype', '')}, targets {meta['target_shape']} "
+              f"{meta.get('target_dtype', '')}" if "input_shape" in meta and "target_shape" in meta else "")
+    ran = "one batch of each split ran through model, loss and metrics" if preflight.enabled() else "preflight off"
+    print(f"config OK: {args.config}: model {cfg.model.name} "
+          f"({count_parameters(trainer.accelerator.unwrap_model(trainer.model)):,} parameters), "
+          f"data {cfg.data.name} ({len(data.train)} train / {len(data.val)} val{shapes}), loss {cfg.loss.name}, "
+          f"metrics [{', '.join(map(str, cfg.training.metrics))}]; {ran}")
+    return 0

@@ -430,10 +430,35 @@ def check_values(cfg):
         if url_problem:
             problems.append(("dashboard.url", url_problem.replace("dashboard url ", "")))
     problems += _check_trackers(cfg.output.trackers)
+    problems += _check_monitor(c.monitor, t.metrics)
     for i, name in enumerate(t.metrics):
         if not isinstance(name, str):
             problems.append((f"training.metrics[{i}]", f"must be a metric name, got `{name!r}`"))
     return problems
+
+
+# What an epoch record holds when the trainer compares `checkpoint.monitor` (right after validation),
+# besides a `val_<name>` per metric in `training.metrics`.
+MONITORABLE = ("val_loss", "train_loss", "grad_norm")
+
+
+def _check_monitor(monitor, metrics):
+    """`checkpoint.monitor` must be a value the run produces, or `best/` is never written and early
+    stopping never fires."""
+    produced = [*MONITORABLE, *(f"val_{m}" for m in metrics if isinstance(m, str))]
+    if monitor in produced:
+        return []
+    from .metrics import METRICS
+
+    addable = {f"val_{m}": m for m in METRICS.names() if m not in metrics}
+    close = difflib.get_close_matches(monitor, [*produced, *addable], n=1, cutoff=0.6)
+    hint = ""
+    if close and close[0] in addable:
+        hint = f"; did you mean `{close[0]}` (add `{addable[close[0]]}` to training.metrics)?"
+    elif close:
+        hint = f"; did you mean `{close[0]}`?"
+    return [("checkpoint.monitor", f"`{monitor}` is not a metric this run produces{hint} "
+             f"It can be one of: {', '.join(produced)}")]
 
 
 def _check_trackers(names):

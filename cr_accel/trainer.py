@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from . import checkpoint, components
+from . import checkpoint, components, preflight
 from .callbacks import CallbackList, Event
 from .checkpoint.async_writer import BackgroundSave, snapshot_supported
 from .environment import UNSHARDED_TYPES, describe_environment, make_accelerator
@@ -191,6 +191,7 @@ class Trainer(SavingMixin, ResumeMixin):
         `allow_config_change`: resume although the config differs from the checkpoint's in keys that change
         the run (the changes are logged); otherwise that is refused with a CheckpointError.
         """
+        preflight.run(self)  # one batch through model, loss and metrics, before anything is written
         self.checkpoints.recover()
         if resume_from_checkpoint is not None:
             self._resume(resume_from_checkpoint, allow_config_change)
