@@ -167,7 +167,7 @@ def main_config(argv):
 
 def _config_action(name, description, action, argv):
     p = argparse.ArgumentParser(prog=f"cr-accel config {name}", description=description,
-                                epilog=f"example: %(prog)s --config configs/default.yaml training.epochs=5")
+                                epilog="example: %(prog)s --config configs/default.yaml training.epochs=5")
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = p.parse_intermixed_args(argv)

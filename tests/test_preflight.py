@@ -5,7 +5,7 @@ with the preflight as without it."""
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
