@@ -231,7 +231,7 @@ class DataFacts:
         self.labels = task == "classification"
         self.images = targets.is_floating_point() and len(self.target_shape) >= 2
         self.probabilities = (targets.is_floating_point() and targets.ndim == 2 and bool((targets >= 0).all())
-                              and bool(torch.allclose(targets.sum(1), torch.ones(len(targets), device=targets.device))))
+                              and bool(torch.allclose(targets.sum(1), torch.ones_like(targets[:, 0]))))
 
     @classmethod
     def of(cls, cfg, metadata, inputs, targets):

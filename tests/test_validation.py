@@ -21,19 +21,20 @@ from cr_accel.data import DatasetSplits
 from cr_accel.metrics import psnr
 from tests.runners import PROBE, launch_2_cpu_processes, run_1_process
 
-FEATURES = 16
+SIDE = 4  # 1xSIDExSIDE images: PSNR compares images, and the preflight holds the config to that
+FEATURES = SIDE * SIDE
 REL = 1e-12
 
 
 class Float64Net(nn.Module):
-    """A small float64 MLP mapping FEATURES values to FEATURES values (a reconstruction task)."""
+    """A small float64 MLP mapping an image's FEATURES values to FEATURES values (a reconstruction task)."""
 
     def __init__(self, features: int = FEATURES, hidden: int = 32):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, features)).double()
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(x.flatten(1)).view_as(x)
 
 
 def float64_data(seed, num_train=16, num_val=10):
@@ -41,7 +42,7 @@ def float64_data(seed, num_train=16, num_val=10):
     g = torch.Generator().manual_seed(seed)
 
     def split(n):
-        x = torch.rand((n, FEATURES), generator=g, dtype=torch.float64)
+        x = torch.rand((n, 1, SIDE, SIDE), generator=g, dtype=torch.float64)
         return TensorDataset(x, (0.5 + 0.4 * torch.sin(3 * x)).clamp(0, 1))
 
     return DatasetSplits(train=split(num_train), val=split(num_val), metadata={"task": "reconstruction"})
