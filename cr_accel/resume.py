@@ -23,6 +23,7 @@ is no change; a hand-made one is.
 import hashlib
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,8 +68,6 @@ def agree(accelerator, problem):
 
 def candidates(checkpoints, where):
     """(path, problem) pairs to try in order: the explicit path, or every entry of the run, newest first."""
-    from pathlib import Path
-
     if where != "latest":
         return [(Path(where), None)]
     return checkpoints.newest_first()

@@ -266,3 +266,18 @@ def assert_same_weights(file_a, file_b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def small_config_file(folder, name, **sections):
+    """configs/default.yaml with each named section's keys updated (e.g. `data={"num_train": 48}`), written
+    to folder/name: the short runs the process-level tests launch."""
+    import yaml
+
+    from cr_accel.config import parse_yaml
+
+    raw = parse_yaml((ROOT / "configs" / "default.yaml").read_text())
+    for section, values in sections.items():
+        raw[section].update(values)
+    path = Path(folder) / name
+    path.write_text(yaml.safe_dump(raw))
+    return path

@@ -9,11 +9,11 @@ import shutil
 import pytest
 import yaml
 
-from cr_accel.config import config_from_dict, parse_yaml
+from cr_accel.config import config_from_dict
 from cr_accel.config_diff import changed_keys, check_config, describe, is_harmless
 from cr_accel.errors import CheckpointError
 from cr_accel.preemption import PREEMPTED_EXIT_CODE
-from tests.runners import PROBE, ROOT, run_1_process
+from tests.runners import PROBE, ROOT, run_1_process, small_config_file
 
 LR, MIN_RATIO, WARMUP = 0.001, 0.1, 2
 STEPS_PER_EPOCH, EPOCHS, STOP = 3, 3, 5  # 48 samples, batch 8, accumulation 2; stopped after step 5
@@ -21,16 +21,12 @@ STEPS_PER_EPOCH, EPOCHS, STOP = 3, 3, 5  # 48 samples, batch 8, accumulation 2; 
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
-    raw = parse_yaml((ROOT / "configs" / "default.yaml").read_text())
-    raw["model"].update(dropout=0.2, base_channels=4)
-    raw["data"].update(num_train=48, num_val=12, batch_size=8)
-    raw["optimizer"].update(lr=LR)
-    raw["training"].update(epochs=EPOCHS, gradient_accumulation_steps=2, log_every=2)
-    raw["scheduler"].update(warmup_steps=WARMUP, min_lr_ratio=MIN_RATIO)
-    raw["checkpoint"].update(save_every=1, keep_last_n=None)
-    path = tmp_path_factory.mktemp("cfg") / "change.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return small_config_file(tmp_path_factory.mktemp("cfg"), "change.yaml",
+                             model={"dropout": 0.2, "base_channels": 4},
+                             data={"num_train": 48, "num_val": 12, "batch_size": 8}, optimizer={"lr": LR},
+                             training={"epochs": EPOCHS, "gradient_accumulation_steps": 2, "log_every": 2},
+                             scheduler={"warmup_steps": WARMUP, "min_lr_ratio": MIN_RATIO},
+                             checkpoint={"save_every": 1, "keep_last_n": None})
 
 
 @pytest.fixture(scope="module")

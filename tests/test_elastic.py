@@ -5,28 +5,23 @@ Real `accelerate launch` pairs (gloo on CPU) and single processes, stopped by SI
 import json
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
 from cr_accel import checkpoint
-from cr_accel.config import parse_yaml
 from cr_accel.preemption import PREEMPTED_EXIT_CODE
-from tests.runners import PROBE, ROOT, launch_2_cpu_processes, root_cause_rank, run_1_process, worker_exit_codes
+from tests.runners import (PROBE, ROOT, launch_2_cpu_processes, root_cause_rank, run_1_process, small_config_file,
+                           worker_exit_codes)
 
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
     """48 samples, batch 8: 6 batches an epoch, which 1 and 2 processes split evenly; no dropout (the RNG
     streams are re-derived on another world size, so dropout masks would differ)."""
-    raw = parse_yaml((ROOT / "configs" / "default.yaml").read_text())
-    raw["model"].update(dropout=0.0, base_channels=4)
-    raw["data"].update(num_train=48, num_val=12, batch_size=8)
-    raw["training"].update(epochs=3, log_every=1)
-    raw["scheduler"].update(warmup_steps=2)
-    raw["checkpoint"].update(save_every=1, keep_last_n=None)
-    path = tmp_path_factory.mktemp("cfg") / "elastic.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return small_config_file(tmp_path_factory.mktemp("cfg"), "elastic.yaml",
+                             model={"dropout": 0.0, "base_channels": 4},
+                             data={"num_train": 48, "num_val": 12, "batch_size": 8},
+                             training={"epochs": 3, "log_every": 1}, scheduler={"warmup_steps": 2},
+                             checkpoint={"save_every": 1, "keep_last_n": None})
 
 
 def launch(processes, *args):

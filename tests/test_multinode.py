@@ -9,12 +9,11 @@ import re
 import signal
 
 import pytest
-import yaml
 
 from cr_accel import checkpoint
 from cr_accel.preemption import PREEMPTED_EXIT_CODE, VOTE_EVERY
-from tests.runners import (PROBE, ROOT, assert_same_weights, child_pids, finish, kill_tree, metric_rows,
-                           read_lines_until, resumed_from, start_2_machines, worker_exit_codes)
+from tests.runners import (PROBE, assert_same_weights, child_pids, finish, kill_tree, metric_rows, read_lines_until,
+                           resumed_from, small_config_file, start_2_machines, worker_exit_codes)
 
 STARTUP_TIMEOUT = 180
 RUN_TIMEOUT = 180
@@ -25,15 +24,11 @@ STOP_STEP = -(-(SIGNAL_AFTER_STEP + 1) // VOTE_EVERY) * VOTE_EVERY
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
     """64 samples, batch 8, world size 2 -> 4 optimizer steps per epoch, 2 epochs; dropout on."""
-    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
-    raw["model"].update(dropout=0.2, base_channels=4)
-    raw["data"].update(num_train=64, num_val=16, batch_size=8)
-    raw["training"].update(epochs=2, log_every=1)
-    raw["scheduler"].update(warmup_steps=2)
-    raw["checkpoint"].update(save_every=1, keep_last_n=None)
-    path = tmp_path_factory.mktemp("cfg") / "multinode.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return small_config_file(tmp_path_factory.mktemp("cfg"), "multinode.yaml",
+                             model={"dropout": 0.2, "base_channels": 4},
+                             data={"num_train": 64, "num_val": 16, "batch_size": 8},
+                             training={"epochs": 2, "log_every": 1}, scheduler={"warmup_steps": 2},
+                             checkpoint={"save_every": 1, "keep_last_n": None})
 
 
 def run_2_machines(*args):

@@ -14,13 +14,12 @@ import re
 import signal
 
 import pytest
-import yaml
 
 from cr_accel import checkpoint
 from cr_accel.preemption import PREEMPTED_EXIT_CODE, VOTE_EVERY
-from tests.runners import (PROBE, ROOT, assert_same_weights, child_pids, finish, kill_tree, launch_2_cpu_processes,
-                           metric_rows, read_lines_until, resumed_from, root_cause_rank, start_2_cpu_processes,
-                           worker_exit_codes)
+from tests.runners import (PROBE, assert_same_weights, child_pids, finish, kill_tree, launch_2_cpu_processes,
+                           metric_rows, read_lines_until, resumed_from, root_cause_rank, small_config_file,
+                           start_2_cpu_processes, worker_exit_codes)
 
 SIGNAL_AFTER_STEP = 1  # rank 1 is signalled after this optimizer step, and both processes stop at the first
 # vote decided after it: flags are posted one step before each decision, every VOTE_EVERY steps (preemption.py).
@@ -39,15 +38,11 @@ OTHER_WORKER_EXIT_CODES = (PREEMPTED_EXIT_CODE, -signal.SIGTERM)
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
     """64 samples, batch 8, 2 processes -> 4 optimizer steps per epoch, 2 epochs; dropout on (RNG matters)."""
-    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
-    raw["model"].update(dropout=0.2, base_channels=4)
-    raw["data"].update(num_train=64, num_val=16, batch_size=8)
-    raw["training"].update(epochs=2, log_every=1)
-    raw["scheduler"].update(warmup_steps=2)
-    raw["checkpoint"].update(save_every=1, keep_last_n=None)
-    path = tmp_path_factory.mktemp("cfg") / "signals.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return small_config_file(tmp_path_factory.mktemp("cfg"), "signals.yaml",
+                             model={"dropout": 0.2, "base_channels": 4},
+                             data={"num_train": 64, "num_val": 16, "batch_size": 8},
+                             training={"epochs": 2, "log_every": 1}, scheduler={"warmup_steps": 2},
+                             checkpoint={"save_every": 1, "keep_last_n": None})
 
 
 @pytest.fixture(scope="module")
