@@ -20,6 +20,15 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the optimizer step."""
 
 
+def _plain(value):
+    """A DTensor (FSDP2's gradient norm is one, replicated on every process) as the plain tensor it holds;
+    reading the local copy of a replicated value costs no communication."""
+    placements = getattr(value, "placements", None)
+    if placements is None:
+        return value
+    return value.to_local() if all(p.is_replicate() for p in placements) else value.full_tensor()
+
+
 class StepStats:
     def __init__(self, accelerator, allow_nonfinite):
         self.accelerator = accelerator
@@ -40,7 +49,7 @@ class StepStats:
         self._loss_steps.append(step)
 
     def add_grad_norm(self, norm):
-        self._norms.append(norm)
+        self._norms.append(_plain(norm))
 
     def flush(self):
         """Bring the pending values to the host (one sync); raise NonFiniteLossError on any process's NaN."""
