@@ -129,3 +129,45 @@ def test_sigterm_with_a_write_in_flight_exits_75_after_it_is_published(config_fi
                             "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_resumed_equals_straight(straight_run, tmp_path)
+
+
+class TiedNet(torch.nn.Module):
+    """One convolution registered under two names (`mid`, `mid_again`): tied weights, as in language models
+    whose output layer shares the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.mid = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.mid_again = self.mid
+        self.out = torch.nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.out(self.mid_again(torch.relu(self.mid(torch.relu(self.inp(x))))))
+
+
+def test_a_snapshot_of_tied_weights_writes_what_a_synchronous_save_writes(tmp_path):
+    from accelerate import Accelerator
+
+    from cr_accel.checkpoint.async_writer import take_snapshot
+
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(TiedNet())
+    optimizer = acc.prepare(torch.optim.AdamW(model.parameters(), lr=0.1))
+    model(torch.randn(2, 1, 8, 8)).square().mean().backward()
+    optimizer.step()
+    acc.save_state(str(tmp_path / "sync"))
+    snapshot = take_snapshot(acc)
+    assert snapshot.model_states[0]["mid.weight"] is snapshot.model_states[0]["mid_again.weight"]
+    (tmp_path / "async").mkdir()
+    snapshot.write(tmp_path / "async")
+    sync, asynchronous = (load_file(tmp_path / m / "model.safetensors") for m in ("sync", "async"))
+    assert len(sync) == 6 and sync.keys() == asynchronous.keys()  # one of the two tied names, in both
+    assert_same_tensors(sync, asynchronous)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    acc.load_state(str(tmp_path / "async"))  # both names come back, still one tensor
+    assert_same_tensors(model.state_dict(), trained)
+    assert model.mid.weight is model.mid_again.weight

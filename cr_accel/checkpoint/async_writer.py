@@ -47,7 +47,8 @@ class Snapshot:
         self.process_index = accelerator.process_index
         self.step = accelerator.step
         self._buffers, self._taken = buffers, []
-        copy = lambda value: _copy_to_host(value, buffers, self._taken)  # noqa: E731
+        copied = {}  # one host copy per tensor, however many names it has (tied weights)
+        copy = lambda value: _copy_to_host(value, buffers, self._taken, copied)  # noqa: E731
         # The same objects and calls save_state uses, so the files are the same as a synchronous save's.
         self.model_states = [copy(accelerator.get_state_dict(m, unwrap=False)) for m in accelerator._models]
         self.optimizer_states = [copy(opt.state_dict()) for opt in accelerator._optimizers]
@@ -133,20 +134,32 @@ def _rng_state():
     return state
 
 
-def _copy_to_host(value, buffers, taken):
+def _copy_to_host(value, buffers, taken, copied):
     """`value` with every tensor copied into a host buffer (recorded in `taken`). A CPU tensor that is not
-    plain and contiguous is cloned instead, which keeps its strides as a synchronous save would see them."""
+    plain and contiguous is cloned instead, which keeps its strides as a synchronous save would see them.
+
+    A tensor that appears under several names (tied weights: one parameter, two state-dict entries) gets one
+    copy that both names share, as they share the live tensor: accelerate's safetensors writer then keeps one
+    name, exactly as it does in a synchronous save. `copied` maps each tensor seen to its copy."""
     if isinstance(value, torch.Tensor):
         value = value.detach()
-        on_cpu = value.device.type == "cpu"
-        if value.layout != torch.strided or value.is_quantized or (on_cpu and not value.is_contiguous()):
-            return value.clone() if on_cpu else value.to("cpu")
-        return buffers.take(value, not on_cpu, taken).copy_(value, non_blocking=not on_cpu)
+        key = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if value.data_ptr() and key in copied:
+            return copied[key]
+        copied[key] = _copy_tensor(value, buffers, taken)
+        return copied[key]
     if isinstance(value, dict):
-        return type(value)((k, _copy_to_host(v, buffers, taken)) for k, v in value.items())
+        return type(value)((k, _copy_to_host(v, buffers, taken, copied)) for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        return type(value)(_copy_to_host(v, buffers, taken) for v in value)
+        return type(value)(_copy_to_host(v, buffers, taken, copied) for v in value)
     return value
+
+
+def _copy_tensor(value, buffers, taken):
+    on_cpu = value.device.type == "cpu"
+    if value.layout != torch.strided or value.is_quantized or (on_cpu and not value.is_contiguous()):
+        return value.clone() if on_cpu else value.to("cpu")
+    return buffers.take(value, not on_cpu, taken).copy_(value, non_blocking=not on_cpu)
 
 
 def _nbytes(value):
