@@ -139,6 +139,7 @@ def run_hand_written(cfg, clock, eval_every):
         if rank == 0:
             print(f"epoch {epoch + 1} train_loss {float(loss_sum) / (len(loader) * world):.6g} val {val}", flush=True)
     if world > 1:
+        dist.barrier()  # both processes done with DDP's collectives: tearing gloo down mid-call aborts (SIGABRT)
         dist.destroy_process_group()
     return {"world_size": world, "rank": rank, "steps_per_epoch": len(loader), "batch": batch}
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint, components, preflight
 from .callbacks import CallbackList, Event
-from .checkpoint.async_writer import BackgroundSave, snapshot_supported
+from .checkpoint.async_writer import BackgroundSave, why_synchronous
 from .environment import UNSHARDED_TYPES, describe_environment, make_accelerator
 from .models import count_parameters
 from .preemption import Preemption
@@ -98,7 +98,7 @@ class Trainer(SavingMixin, ResumeMixin):
         self.progress = Progress(enabled=acc.is_local_main_process)
         self.stats = StepStats(acc, allow_nonfinite=t.skip_nonfinite)
         self.checkpoints = checkpoint.Checkpoints(acc, self.output_dir / "checkpoints", cfg.checkpoint.keep_last_n)
-        self.async_save = cfg.checkpoint.async_save and snapshot_supported(acc)
+        self.async_save = cfg.checkpoint.async_save and why_synchronous(acc) is None
         self.background_save = BackgroundSave()
         self._unannounced = []  # checkpoints written in the background, not yet announced to callbacks
         self.preemption = Preemption(acc)
@@ -178,8 +178,7 @@ class Trainer(SavingMixin, ResumeMixin):
                       f"{self.steps_per_epoch} optimizer steps per epoch, {self.total_steps} in total")
         self.log.info("hyperparameters:\n" + self.config_yaml.rstrip(), console=False)
         if self.cfg.checkpoint.async_save and not self.async_save:
-            self.log.info(f"checkpoints are saved synchronously: under {self.accelerator.distributed_type} the "
-                          "engine writes them itself, so there is no state to copy and write in the background")
+            self.log.info(f"checkpoints are saved synchronously: {why_synchronous(self.accelerator)}")
 
     # ---------------------------------------------------------------- the loop
 

@@ -1,6 +1,6 @@
 """A train.py with test hooks, for tests that need what a run does inside (run it like train.py).
 
-    python tests/probe_train.py --config C --probe OUT.json [--stop-at-step K] [--slow-save SECONDS]
+    python tests/probe_train.py --config C --probe OUT.json [--stop-at-step K] [--slow-save SECONDS [--slow-save-step N]]
                                 [--print-pid] [--await-signal R:K] [--resume_from_checkpoint X] [overrides...]
 
 Writes (main process) OUT.json: the LR each optimizer step used, the final status and step, and the
@@ -8,7 +8,8 @@ final weights next to it as OUT.safetensors (from the unwrapped model), so tests
 launched through `accelerate launch`. Exits like train.py (75 when preempted).
 --stop-at-step K: the process sends itself SIGTERM right after optimizer step K (the real signal path).
 --slow-save S: prints `WRITING-MANIFEST <folder>` and sleeps S seconds before each checkpoint's manifest
-is written, so a test can kill the process while a checkpoint is half written.
+is written, so a test can kill the process while a checkpoint is half written; with --slow-save-step N only the
+checkpoint of optimizer step N is slowed down (the others cost the test no time).
 Every process also writes OUT.rank<R>.json: its own status, step and the signal it received (or null).
 --print-pid: every process prints `PID <rank> <pid>` when training starts, so a test can signal one of them.
 --await-signal R:K: the process of rank R prints `AWAITING-SIGNAL <rank> <pid> <step>` right after optimizer
@@ -70,8 +71,9 @@ class Recorder(Callback):
         with open(self.path.replace(".json", f".rank{acc.process_index}.json"), "w") as f:
             json.dump({"status": status, "global_step": trainer.global_step,
                        "signal": trainer.preemption.signal_name}, f)
+        state = acc.get_state_dict(trainer.model)  # every process: under FSDP gathering the shards is collective
         if acc.is_main_process:
-            weights = {k: v.detach().cpu().contiguous() for k, v in acc.unwrap_model(trainer.model).state_dict().items()}
+            weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
             save_file(weights, self.path.replace(".json", ".safetensors"))
             used = self.lrs[:-1]  # the last entry belongs to a step that never ran
             with open(self.path, "w") as f:
@@ -79,12 +81,13 @@ class Recorder(Callback):
                            "global_step": trainer.global_step}, f)
 
 
-def slow_down_manifests(seconds):
+def slow_down_manifests(seconds, only_step=None):
     write = checkpoint.store._write_manifest
 
     def slow(folder, state):
-        print(f"WRITING-MANIFEST {folder}", flush=True)
-        time.sleep(seconds)
+        if only_step is None or state["global_step"] == only_step:
+            print(f"WRITING-MANIFEST {folder}", flush=True)
+            time.sleep(seconds)
         write(folder, state)
 
     checkpoint.store._write_manifest = slow
@@ -95,12 +98,13 @@ def main():
     parser.add_argument("--probe", required=True)
     parser.add_argument("--stop-at-step", type=int, default=None)
     parser.add_argument("--slow-save", type=float, default=None)
+    parser.add_argument("--slow-save-step", type=int, default=None)
     parser.add_argument("--print-pid", action="store_true")
     parser.add_argument("--await-signal", metavar="RANK:STEP", default=None,
                         type=lambda v: tuple(int(x) for x in v.split(":")))
     args = parser.parse_intermixed_args()
     if args.slow_save:
-        slow_down_manifests(args.slow_save)
+        slow_down_manifests(args.slow_save, args.slow_save_step)
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, callbacks=[Recorder(args.probe, args.stop_at_step, args.print_pid, args.await_signal)])
     status = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint,

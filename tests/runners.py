@@ -68,13 +68,21 @@ def launch_2_cpu_processes(script, *args, timeout=300):
                           timeout=timeout)
 
 
-def _launch_cmd(script, args, port=None, num_machines=1, machine_rank=0):
+def _launch_cmd(script, args, port=None, num_machines=1, machine_rank=0, distribution=("--multi_gpu",)):
     accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", str(num_machines),
+    cmd = [str(accelerate), "launch", *distribution, "--num_processes", "2", "--num_machines", str(num_machines),
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port or free_port())]
     if num_machines > 1:
         cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
     return [*cmd, str(script), *map(str, args)]
+
+
+def launch_fsdp2_on_cpu(state_dict_type, script, *args, timeout=300):
+    """`accelerate launch --use_fsdp --fsdp_version 2` of a gloo pair running `script` as FSDP2 on the CPU
+    (tests/fsdp_on_cpu.py); `state_dict_type` is SHARDED_STATE_DICT or FULL_STATE_DICT."""
+    distribution = ("--use_fsdp", "--fsdp_version", "2", "--fsdp_state_dict_type", state_dict_type)
+    cmd = _launch_cmd(ROOT / "tests" / "fsdp_on_cpu.py", (script, *args), distribution=distribution)
+    return subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _start(cmd, **popen):

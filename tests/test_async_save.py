@@ -85,7 +85,7 @@ def test_sigkill_during_a_background_write_resumes_exactly(config_file, straight
     kill -9 lands 0 or 2 optimizer steps after its write started."""
     run = f"output.dir={tmp_path / 'run'}"
     proc = start_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "first.json", run,
-                           "--slow-save", 30)
+                           "--slow-save", 30, "--slow-save-step", 6)
     read_lines_until(proc, lambda line: line.startswith("WRITING-MANIFEST") and "step_00000006" in line, 120)
     for step in range(7, 7 + kill_after_steps):  # training goes on while the checkpoint is written
         read_lines_until(proc, lambda line, s=step: f" step {s}/" in line, 60)
@@ -109,7 +109,7 @@ def test_sigterm_with_a_write_in_flight_exits_75_after_it_is_published(config_fi
     the stopping step's, and only then exit 75."""
     run = f"output.dir={tmp_path / 'run'}"
     proc = start_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "first.json", run,
-                           "--slow-save", 4)
+                           "--slow-save", 4, "--slow-save-step", 3)
     # Step 3's checkpoint is in its 4 s manifest write: the signal comes while it is in flight.
     read_lines_until(proc, lambda line: line.startswith("WRITING-MANIFEST") and "step_00000003" in line, 120)
     proc.send_signal(signal.SIGTERM)

@@ -130,9 +130,9 @@ def test_exact_resume_two_processes(config_file, tmp_path):
 def test_sigkill_while_writing_a_checkpoint_loses_nothing(config_file, straight_run, tmp_path):
     run = f"output.dir={tmp_path / 'run'}"
     proc = start_1_process(PROBE, "--config", config_file, "--probe", tmp_path / "first.json", run,
-                           "--slow-save", 30)
-    for _ in range(2):  # epoch 1's checkpoint, then epoch 2's
-        read_lines_until(proc, lambda line: line.startswith("WRITING-MANIFEST"), timeout=120)
+                           "--slow-save", 30, "--slow-save-step", 6)
+    # epoch 1's checkpoint (step 3) is written at full speed, epoch 2's (step 6) slowly
+    read_lines_until(proc, lambda line: line.startswith("WRITING-MANIFEST") and "step_00000006" in line, timeout=120)
     proc.kill()  # the epoch-2 checkpoint is half written: its files are there, no manifest
     finish(proc, timeout=30)
     assert proc.returncode == -signal.SIGKILL

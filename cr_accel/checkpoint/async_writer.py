@@ -12,21 +12,37 @@ snapshot 0.56-0.73 s instead of the copy's 0.08 s (bench/checkpoint.py). The pri
 memory stays allocated between saves (the size of the model and optimizer state once more).
 
 Snapshots exist for the layouts whose state is a plain state dict on every process (no distribution,
-DDP on CPU or GPU). DeepSpeed and FSDP write through their own engines, so those runs save synchronously.
+DDP on CPU or GPU) and for FSDP2, whose sharded state is a dict of DTensors (fsdp_snapshot.py). DeepSpeed and
+FSDP v1 write through their own engines, so those runs save synchronously (`why_synchronous` says why).
 """
 
+import functools
 import random
 import threading
 import weakref
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 
 from ..environment import UNSHARDED_TYPES
 
 
+def why_synchronous(accelerator):
+    """Why this run's checkpoints cannot be saved in the background, or None when they can."""
+    kind = accelerator.distributed_type
+    if kind in UNSHARDED_TYPES or (kind == DistributedType.FSDP and accelerator.is_fsdp2):
+        return None
+    if kind == DistributedType.FSDP:
+        return ("FSDP v1 saves its flat parameters through its own state-dict context, so there is no state to "
+                "copy first (fsdp_version: 2 in the accelerate config saves in the background)")
+    if kind == DistributedType.DEEPSPEED:
+        return "DeepSpeed's engine writes its checkpoint files itself, so there is no state to copy first"
+    return f"under {kind} there is no state to copy first"
+
+
 def snapshot_supported(accelerator):
-    return accelerator.distributed_type in UNSHARDED_TYPES
+    return why_synchronous(accelerator) is None
 
 
 class Frozen:
@@ -49,15 +65,24 @@ class Snapshot:
         self._buffers, self._taken = buffers, []
         copied = {}  # one host copy per tensor, however many names it has (tied weights)
         copy = lambda value: _copy_to_host(value, buffers, self._taken, copied)  # noqa: E731
-        # The same objects and calls save_state uses, so the files are the same as a synchronous save's.
-        self.model_states = [copy(accelerator.get_state_dict(m, unwrap=False)) for m in accelerator._models]
-        self.optimizer_states = [copy(opt.state_dict()) for opt in accelerator._optimizers]
+        self._take_models_and_optimizers(accelerator, copy)
         scaler = accelerator.scaler
         self.scaler_state = copy(scaler.state_dict()) if scaler is not None else None
-        self.rng_state = _rng_state()
+        self.rng_state = _rng_state(self.step)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the pinned copies above are non-blocking
         self._nbytes = sum(_nbytes(s) for s in (*self.model_states, *self.optimizer_states))
+        self._written = False
+
+    def _take_models_and_optimizers(self, accelerator, copy):
+        # The same objects and calls save_state uses, so the files are the same as a synchronous save's.
+        self.model_states = [copy(accelerator.get_state_dict(m, unwrap=False)) for m in accelerator._models]
+        self.optimizer_states = [copy(opt.state_dict()) for opt in accelerator._optimizers]
+
+    def _write_models_and_optimizers(self, folder):
+        """Write what accelerate's save_accelerator_state does not; returns the (model, optimizer) states it
+        should write itself."""
+        return self.model_states, self.optimizer_states
 
     def nbytes(self):
         return self._nbytes
@@ -66,11 +91,13 @@ class Snapshot:
         """The files of `accelerator.save_state(folder)` for this process."""
         from accelerate.checkpointing import save_accelerator_state
 
-        if self.model_states is None:
+        if self._written:
             raise RuntimeError("this snapshot was written already; its buffers now belong to the next one")
+        self._written = True
         try:
+            models, optimizers = self._write_models_and_optimizers(folder)
             save_accelerator_state(
-                folder, self.model_states, [Frozen(s) for s in self.optimizer_states], schedulers=[],
+                folder, models, [Frozen(s) for s in optimizers], schedulers=[],
                 dataloaders=[], process_index=self.process_index, step=self.step,
                 scaler=Frozen(self.scaler_state) if self.scaler_state is not None else None,
             )
@@ -119,15 +146,20 @@ _HOST_BUFFERS = weakref.WeakKeyDictionary()  # Accelerator -> HostBuffers; freed
 
 
 def take_snapshot(accelerator):
+    """This process's snapshot; called on every process at the same step boundary."""
     buffers = _HOST_BUFFERS.get(accelerator)
     if buffers is None:
         buffers = _HOST_BUFFERS[accelerator] = HostBuffers()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from .fsdp_snapshot import FsdpSnapshot
+
+        return FsdpSnapshot(accelerator, buffers)
     return Snapshot(accelerator, buffers)
 
 
-def _rng_state():
-    """The keys accelerate's save_accelerator_state writes (CPU and CUDA devices)."""
-    state = {"random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+def _rng_state(step):
+    """The keys accelerate's save_accelerator_state writes (CPU and CUDA devices; `step` is the Accelerator's)."""
+    state = {"step": step, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
              "torch_manual_seed": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["torch_cuda_manual_seed"] = torch.cuda.get_rng_state_all()
@@ -140,14 +172,21 @@ def _copy_to_host(value, buffers, taken, copied):
 
     A tensor that appears under several names (tied weights: one parameter, two state-dict entries) gets one
     copy that both names share, as they share the live tensor: accelerate's safetensors writer then keeps one
-    name, exactly as it does in a synchronous save. `copied` maps each tensor seen to its copy."""
+    name, exactly as it does in a synchronous save. `copied` maps each tensor seen to (it, its copy)."""
     if isinstance(value, torch.Tensor):
         value = value.detach()
+        dtensor = _dtensor_class()
+        if dtensor is not None and isinstance(value, dtensor):  # FSDP2's shards: copy this process's piece
+            local = _copy_to_host(value.to_local(), buffers, taken, copied)
+            return dtensor(local, value._spec, requires_grad=False)  # as DCP's own staging does
         key = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
         if value.data_ptr() and key in copied:
-            return copied[key]
-        copied[key] = _copy_tensor(value, buffers, taken)
-        return copied[key]
+            return copied[key][1]
+        # The source stays referenced until the snapshot is taken: a state dict made for the save (FSDP's
+        # gathered one) would otherwise be freed after its copy, and a later tensor at the same address would
+        # pass for a second name of it.
+        copied[key] = (value, _copy_tensor(value, buffers, taken))
+        return copied[key][1]
     if isinstance(value, dict):
         return type(value)((k, _copy_to_host(v, buffers, taken, copied)) for k, v in value.items())
     if isinstance(value, (list, tuple)):
@@ -162,8 +201,20 @@ def _copy_tensor(value, buffers, taken):
     return buffers.take(value, not on_cpu, taken).copy_(value, non_blocking=not on_cpu)
 
 
+@functools.cache
+def _dtensor_class():
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
 def _nbytes(value):
+    """Bytes held on this process (a DTensor's local piece, not the whole tensor)."""
     if isinstance(value, torch.Tensor):
+        if _dtensor_class() is not None and isinstance(value, _dtensor_class()):
+            value = value.to_local()
         return value.numel() * value.element_size()
     if isinstance(value, dict):
         return sum(_nbytes(v) for v in value.values())

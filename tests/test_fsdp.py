@@ -1,0 +1,73 @@
+"""FSDP2 through the real Trainer and accelerate's own FSDP code paths, on 2 CPU processes over gloo
+(tests/fsdp_on_cpu.py): checkpoints in the sharded (DCP) and full layouts, saved in the background, a run
+stopped by SIGTERM and resumed with `latest` ends with the weights of an uninterrupted run, and what it wrote is
+verified and loaded by `cr_accel.load_model` like any other checkpoint."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cr_accel
+from cr_accel import checkpoint
+from cr_accel.checkpoint.layouts import FSDP_FULL, FSDP_SHARDED, detect
+from cr_accel.preemption import PREEMPTED_EXIT_CODE
+from tests.runners import PROBE, launch_fsdp2_on_cpu, small_config_file, worker_exit_codes
+
+# 64 samples, batch 8 per process: 4 optimizer steps an epoch on 2 processes, 8 in all; a periodic checkpoint
+# every 2 steps, so a stop lands between saves and the resume continues mid-epoch.
+SECTIONS = {"data": {"num_train": 64, "num_val": 16, "batch_size": 8}, "training": {"epochs": 2, "log_every": 1},
+            "checkpoint": {"save_every_steps": 2, "keep_last_n": None}}
+STOP_AT_STEP = 3
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    return small_config_file(tmp_path_factory.mktemp("cfg"), "fsdp.yaml", **SECTIONS)
+
+
+@pytest.fixture(scope="module")
+def straight(config_file, tmp_path_factory):
+    """The uninterrupted run, saving synchronously."""
+    out = tmp_path_factory.mktemp("straight")
+    result = launch_fsdp2_on_cpu("SHARDED_STATE_DICT", PROBE, "--config", config_file, "--probe", out / "p.json",
+                                 f"output.dir={out / 'run'}", "checkpoint.async_save=false")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (out / "run/train.log").read_text()
+    assert "DistributedType.FSDP" in (out / "run/environment.json").read_text()
+    assert "started in the background" not in log
+    return load_file(out / "p.safetensors")
+
+
+@pytest.mark.parametrize("state_dict_type, layout", [("SHARDED_STATE_DICT", FSDP_SHARDED),
+                                                     ("FULL_STATE_DICT", FSDP_FULL)])
+def test_fsdp2_saves_in_the_background_stops_and_resumes_exactly(config_file, straight, tmp_path, state_dict_type,
+                                                                 layout):
+    run = tmp_path / "run"
+    first = launch_fsdp2_on_cpu(state_dict_type, PROBE, "--config", config_file, "--probe", tmp_path / "first.json",
+                                f"output.dir={run}", "--stop-at-step", STOP_AT_STEP)
+    output = first.stdout + first.stderr
+    assert worker_exit_codes(output) == {0: PREEMPTED_EXIT_CODE, 1: PREEMPTED_EXIT_CODE}, output[-3000:]
+    log = (run / "train.log").read_text()
+    assert "started in the background" in log and "saved synchronously" not in log
+    ckpts = run / "checkpoints"
+    stopped_at = checkpoint.read_state(ckpts / "last")["trainer"]["global_step"]
+    assert STOP_AT_STEP < stopped_at < 8
+    for folder in ckpts.iterdir():
+        assert detect(folder) is layout, folder
+        checkpoint.verify(folder)  # every shard listed, hashed and allowed in the layout
+
+    resumed = launch_fsdp2_on_cpu(state_dict_type, PROBE, "--config", config_file, "--probe", tmp_path / "p.json",
+                                  f"output.dir={run}", "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {ckpts / 'last'}: epoch 1, batch {stopped_at}, step {stopped_at}" in (
+        run / "train.log").read_text()
+    final = load_file(tmp_path / "p.safetensors")
+    assert final.keys() == straight.keys()
+    for name in final:
+        assert torch.equal(final[name], straight[name]), name
+    model = cr_accel.load_model(run)  # best/ or last/, whatever the layout, into a plain model
+    assert detect(ckpts / "last") is layout
+    last = cr_accel.load_model(ckpts / "last")
+    for name, tensor in last.state_dict().items():
+        assert torch.equal(tensor, straight[name]), name
+    assert model.state_dict().keys() == straight.keys()
