@@ -70,6 +70,21 @@ def build_model(cfg):
     return MODELS.resolve(cfg.model.name)(**cfg.model.kwargs)
 
 
+def build_model_skeleton(cfg):
+    """The model of `cfg` with its parameter names and shapes but no memory: built on the meta device (on the
+    CPU where a constructor needs real tensors), with every random stream left as it was."""
+    import torch
+
+    from .rng import rng_kept
+
+    with rng_kept():
+        try:
+            with torch.device("meta"):
+                return build_model(cfg)
+        except Exception:
+            return build_model(cfg)
+
+
 def build_loss(cfg):
     return LOSSES.resolve(cfg.loss.name)(**cfg.loss.kwargs)
 

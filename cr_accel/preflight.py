@@ -22,10 +22,8 @@ import contextlib
 import inspect
 import math
 import os
-import random
 import traceback
 
-import numpy as np
 import torch
 from accelerate.utils import DistributedType
 from torch.utils.data import default_collate
@@ -36,6 +34,7 @@ from .errors import UserError
 from .losses import LOSSES
 from .models import MLP, MODELS, ConvAutoencoder
 from .optim import OPTIMIZERS
+from .rng import rng_kept
 
 SWITCH = "CR_ACCEL_PREFLIGHT"
 BATCH_SIZE = 2  # samples per split: enough for shapes and dtypes (two, so a squeezed batch dimension shows)
@@ -165,21 +164,6 @@ def check_batch(cfg, data, model, loss_fn, metric_fns, device):
             if problems:
                 raise PreflightError(problems)
             _loss_and_metrics(cfg, loss_fn, metric_fns, outputs, targets)
-
-
-@contextlib.contextmanager
-def rng_kept():
-    """Every RNG stream a run draws from, as it was before the block (CUDA's only where it is initialised)."""
-    states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        torch.set_rng_state(states[0])
-        np.random.set_state(states[1])
-        random.setstate(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 @contextlib.contextmanager

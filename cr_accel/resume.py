@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import schedule
+from . import components, schedule
 from .checkpoint import CheckpointError, check_model_matches, check_rng_restored, store
 from .checkpoint.store import load_refusing_pickles
 from .config_diff import ConfigChangedError, check_config, describe, read_checkpoint_config
+from .environment import UNSHARDED_TYPES
 
 
 def elastic_accumulation(saved_world_size, saved_accumulation, world_size):
@@ -159,7 +160,7 @@ class ResumeMixin:
         # Checkpoints from before the schedule saved its timing ran with their own config's.
         if "schedule" in parts:
             parts["schedule"] = {**self._schedule_timing(then, saved), **parts["schedule"]}
-        check_model_matches(path, acc.unwrap_model(self.model))
+        check_model_matches(path, self._model_to_check())
         # This run's optimizer settings, before load_state puts the checkpoint's into the optimizer.
         fresh = ([{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups],
                  list(self.schedule.base_lrs))
@@ -167,6 +168,15 @@ class ResumeMixin:
         if saved["world_size"] == acc.num_processes:
             check_rng_restored(path, acc)
         return parts, tensors, accumulation, changes, fresh
+
+    def _model_to_check(self):
+        """The model whose names and shapes a checkpoint must fit. The live one, except where it does not show
+        them: under FSDP v1 (flat shards) and DeepSpeed (ZeRO-3 keeps empty placeholders) the config's model
+        is built again without memory."""
+        acc = self.accelerator
+        if acc.distributed_type in UNSHARDED_TYPES or acc.is_fsdp2:
+            return acc.unwrap_model(self.model)
+        return components.build_model_skeleton(self.cfg)
 
     def _steps_per_epoch(self, batch_size, world_size, accumulation):
         """Optimizer steps per epoch for a run of `world_size` processes (accelerate evens out the batches)."""

@@ -588,3 +588,32 @@ def test_every_layout_refuses_a_tampered_checkpoint(built, tmp_path, tamper, mes
     with pytest.raises(CheckpointError, match=message):
         verify(tampered)
     verify(last)
+
+
+@pytest.mark.parametrize("kind", ["deepspeed_zero3", "fsdp_full"])
+def test_a_sharded_run_checks_a_checkpoint_against_the_configs_model_not_its_placeholders(tmp_path, fake_deepspeed,
+                                                                                        kind):
+    """Under DeepSpeed ZeRO-3 the live module holds empty placeholders (FSDP v1: flat shards), whose shapes would
+    refuse every checkpoint: the resume checks against the config's model, built without memory or RNG draws."""
+    from accelerate.utils import DistributedType
+
+    from cr_accel.config import config_from_dict
+    from cr_accel.resume import ResumeMixin
+
+    folder = tmp_path / "ckpt"
+    model = configured_model(folder)
+    BUILDERS[kind][1](folder, model.state_dict(), fake_deepspeed)
+    live = configured_model(tmp_path / "unused")
+    for p in live.parameters():
+        p.data = torch.empty(0)  # what ZeRO-3 leaves in the module between forward passes
+    with pytest.raises(CheckpointError, match="has shape"):
+        check_model_matches(folder, live)
+    distributed_type = DistributedType.DEEPSPEED if kind.startswith("deepspeed") else DistributedType.FSDP
+    run = types.SimpleNamespace(
+        accelerator=types.SimpleNamespace(distributed_type=distributed_type, is_fsdp2=False), model=live,
+        cfg=config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()), check_components=False))
+    rng = torch.get_rng_state()
+    skeleton = ResumeMixin._model_to_check(run)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.is_meta for p in skeleton.parameters())
+    check_model_matches(folder, skeleton)
