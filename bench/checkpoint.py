@@ -158,7 +158,7 @@ def save_worker(spec):
     import accelerate.checkpointing
     import torch
 
-    from cr_accel import trainer as trainer_module
+    from cr_accel import saving
     from cr_accel.callbacks import Callback
     from cr_accel.checkpoint import async_writer, store
     from cr_accel.models import count_parameters
@@ -171,7 +171,7 @@ def save_worker(spec):
     trainer = Trainer(cfg)
     timers, snapshot_bytes = Timers(), []
     # What an asynchronous save does before save_checkpoint returns, and in its background thread.
-    timers.wrap(trainer_module, "take_snapshot", "take_snapshot", record=lambda s: snapshot_bytes.append(s.nbytes()))
+    timers.wrap(saving, "take_snapshot", "take_snapshot", record=lambda s: snapshot_bytes.append(s.nbytes()))
     timers.wrap(async_writer.Snapshot, "write", "snapshot.write")
     timers.wrap(trainer.checkpoints, "wait_for_marks", "wait for marks")
     # A synchronous save's phases (and the publishing that both kinds share).
@@ -303,7 +303,7 @@ def snapshot_ways(trainer, reps):
         "take_snapshot (as cr_accel does it)": take_snapshot,
         "of which get_state_dict + optimizer.state_dict() + RNG (no copy)": lambda: (
             [acc.get_state_dict(m, unwrap=False) for m in acc._models],
-            [o.state_dict() for o in acc._optimizers], async_writer._rng_state()),
+            [o.state_dict() for o in acc._optimizers], async_writer._rng_state(acc.step)),
         "clone into new memory, 1 thread": lambda: [t.clone() for t in sources],
         f"clone into new memory, {threads} threads": lambda: list(pool.map(torch.clone, sources)),
         "copy into kept buffers, 1 thread": lambda: [b.copy_(s) for b, s in zip(kept, sources)],
