@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .disk import check_writable, failure_kind, write_failure
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -16,8 +17,19 @@ EXIT_TRAINING_FAILED = 1
 RUN_FILES = ("config.yaml", "environment.json", "checkpoints", "samples", "dashboard_run_id")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors (exit 2) are printed by the main process only: every process of a launched
+    run parses the same arguments and would print the same message."""
+
+    def error(self, message):
+        if _is_main_process():
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def train_parser(prog="train.py"):
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=prog,
         description="Train from a YAML config; override any key as section.key=value.",
         epilog="example: %(prog)s --config configs/default.yaml training.epochs=5 optimizer.lr=3e-4",
@@ -32,47 +44,61 @@ def train_parser(prog="train.py"):
     return p
 
 
-def run_training(args):
+def run_training(args, callbacks=()):
     from . import preflight
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    preflight.check_parts(cfg)  # the model, loss and optimizer can be built (the batch check is in train())
+    preflight.check_parts(cfg)  # the model, loss and optimizer can be built (the batch check comes below)
     resume = args.resume_from_checkpoint
+    if resume is not None and args.overwrite:
+        raise UserError("--overwrite replaces an earlier run and --resume_from_checkpoint continues one; pass one "
+                        "of them")
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         raise UserError(f"--resume_from_checkpoint `{resume}` is not a folder; give a checkpoint folder "
                         f"(e.g. {Path(cfg.output.dir) / 'checkpoints' / 'last'}) or `latest`")
-    if resume is None:
-        _claim_output_dir(cfg, args.overwrite)
+    check_writable(cfg.output.dir)
+    earlier = _earlier_run(cfg, args.overwrite) if resume is None else []
     from .preemption import PREEMPTED_EXIT_CODE
     from .step_stats import NonFiniteLossError
     from .trainer import Trainer
 
     try:
-        status = Trainer(cfg).train(resume_from_checkpoint=resume, allow_config_change=args.allow_config_change)
+        trainer = Trainer(cfg, callbacks=callbacks)
+        trainer.preflight()  # before --overwrite removes anything: a run that cannot start keeps the earlier one
+        _remove(earlier)
+        status = trainer.train(resume_from_checkpoint=resume, allow_config_change=args.allow_config_change)
     except NonFiniteLossError as exc:
         _error(f"training stopped: {exc}")
         return EXIT_TRAINING_FAILED
+    except OSError as exc:  # a log, CSV or run file on a disk that filled up or turned read-only
+        error = write_failure(exc, "a file of the run", cfg.output.dir)
+        if error is None or failure_kind(exc) == "io":
+            raise
+        raise error from exc
     return PREEMPTED_EXIT_CODE if status == "preempted" else 0
 
 
-def _claim_output_dir(cfg, overwrite):
-    """Refuse to mix a new run into the files of an earlier one, unless --overwrite says to replace them."""
+def _earlier_run(cfg, overwrite):
+    """The files of an earlier run in output.dir, which --overwrite replaces; without it they refuse the run,
+    so a new run never mixes into an earlier one's files."""
     out = Path(cfg.output.dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output.dir `{out}` is a file, not a folder; choose another output.dir")
     ours = [out / name for name in (*RUN_FILES, cfg.output.log_file, cfg.output.metrics_file)]
     existing = [p for p in ours if p.exists()]
-    if not existing:
-        return
-    if not overwrite:
+    if existing and not overwrite:
         raise UserError(
             f"output.dir `{out}` already holds a run ({', '.join(p.name for p in existing)}); "
             "pass --resume_from_checkpoint latest to continue it, --overwrite to replace it, "
             "or choose another output.dir (e.g. output.dir=runs/new)"
         )
+    return existing
+
+
+def _remove(paths):
     if _is_main_process():
-        for path in existing:
+        for path in paths:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
@@ -87,8 +113,13 @@ def _error(message):
 
 def main_train(argv=None, prog="train.py"):
     args = train_parser(prog).parse_intermixed_args(argv)  # overrides may come between options
+    return train_command(args)
+
+
+def train_command(args, callbacks=()):
+    """`run_training`, with a user error printed as one line (by the main process) and exit code 2."""
     try:
-        return run_training(args)
+        return run_training(args, callbacks)
     except UserError as exc:
         _error(str(exc))
         _leave_process_group()

@@ -7,7 +7,9 @@ paths) without building anything, so a bad config fails before any output is cre
 from pathlib import Path
 
 from . import optim, schedule
+from .building import build_part
 from .data import DATASETS
+from .errors import UserError
 from .losses import LOSSES
 from .metrics import METRICS
 from .models import MODELS
@@ -90,17 +92,21 @@ def build_loss(cfg):
 
 
 def build_datasets(cfg):
-    """DatasetSplits from the `data` section; user builders may return a plain (train, val) pair."""
+    """DatasetSplits from the `data` section; user builders may return a plain (train, val) pair. A builder's
+    own failure is a UserError naming the section."""
     builder = DATASETS.resolve(cfg.data.name)
     kwargs = dict(cfg.data.kwargs)
     if accepts(builder, "seed"):
         kwargs["seed"] = cfg.seed
-    splits = builder(**kwargs)
-    if isinstance(splits, tuple):
-        from .data import DatasetSplits
+    from .data import DatasetSplits
 
+    splits = build_part("data", cfg.data, builder, lambda: builder(**kwargs))
+    if isinstance(splits, tuple) and len(splits) == 2:
         train, val = splits
         splits = DatasetSplits(train=train, val=val, metadata={})
+    if not isinstance(splits, DatasetSplits):
+        raise UserError(f"`data.name={cfg.data.name}` returned a {type(splits).__name__}; a dataset builder returns "
+                        "cr_accel.data.DatasetSplits or a (train, val) pair of datasets")
     return splits
 
 
@@ -116,8 +122,8 @@ def build_schedule(cfg, optimizer, num_training_steps):
     def make_factor(total, warmup):
         return builder(num_training_steps=total, num_warmup_steps=warmup, min_lr_ratio=s.min_lr_ratio, **s.kwargs)
 
-    return schedule.StepSchedule(optimizer, make_factor, num_training_steps,
-                                 schedule.warmup_steps_for(s, num_training_steps))
+    return build_part("scheduler", s, builder, lambda: schedule.StepSchedule(
+        optimizer, make_factor, num_training_steps, schedule.warmup_steps_for(s, num_training_steps)))
 
 
 def build_metrics(cfg):

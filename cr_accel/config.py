@@ -168,8 +168,24 @@ SYNONYMS = {
 }
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that names the same key twice: PyYAML would keep the last value without a word."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float (YAML 1.1, and so PyYAML, wants `1.0e-3`)."""
+    """SafeLoader that reads `1e-3` as a float (YAML 1.1, and so PyYAML, wants `1.0e-3`) and refuses a key
+    given twice in one mapping (a second `epochs:` in `training:` would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise DuplicateKeyError(
+                    None, None, f"`{key}` is given twice in one mapping (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); keep one of them", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -223,10 +239,13 @@ def _read_yaml_file(path):
     except UnicodeDecodeError as exc:
         raise UserError(f"config file `{path}` is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
                         "save it as UTF-8") from None
+    except DuplicateKeyError as exc:
+        raise UserError(f"config file `{path}`: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"config file `{path}` is not valid YAML: {exc}") from None
     if raw is None:
-        return {}
+        raise UserError(f"config file `{path}` is empty (or holds only comments); give it the sections of a run, "
+                        "e.g. start from a copy of configs/default.yaml")
     if not isinstance(raw, dict):
         raise UserError(f"config file `{path}` must hold a mapping of sections (model:, data:, ...), not {type(raw).__name__}")
     return raw
@@ -434,6 +453,8 @@ def check_values(cfg):
     for i, name in enumerate(t.metrics):
         if not isinstance(name, str):
             problems.append((f"training.metrics[{i}]", f"must be a metric name, got `{name!r}`"))
+        elif name in t.metrics[:i]:
+            problems.append((f"training.metrics[{i}]", f"`{name}` is listed twice; list each metric once"))
     return problems
 
 

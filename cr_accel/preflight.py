@@ -22,13 +22,13 @@ import contextlib
 import inspect
 import math
 import os
-import traceback
 
 import torch
 from accelerate.utils import DistributedType
 from torch.utils.data import default_collate
 
 from . import components
+from .building import build_part, describe_exception
 from .data import DATASETS
 from .errors import UserError
 from .losses import LOSSES
@@ -77,63 +77,14 @@ def check_parts(cfg):
 
 
 def _build_parts(cfg, report):
-    model = _build("model", cfg.model, MODELS.resolve(cfg.model.name), lambda: components.build_model(cfg), report)
-    _build("loss", cfg.loss, LOSSES.resolve(cfg.loss.name), lambda: components.build_loss(cfg), report)
-    _build("optimizer", cfg.optimizer, OPTIMIZERS.resolve(cfg.optimizer.name),
-           lambda: components.build_optimizer(cfg, model.parameters()), report)
-
-
-def _build(section, section_cfg, builder, build, report):
-    try:
-        return build()
-    except UserError:
-        raise
-    except Exception as exc:
-        if not report:
-            raise
-        call = ", ".join(f"{k}={v!r}" for k, v in section_cfg.kwargs.items())
-        hints = _suspects(section, section_cfg.name, builder, section_cfg.kwargs)
-        if not hints and section_cfg.kwargs:
-            hints = ["check the values of " + ", ".join(f"`{section}.{k}`" for k in section_cfg.kwargs)]
-        raise UserError(f"`{section}` could not be built: `{section_cfg.name}({call})` raised "
-                        f"{_describe_exception(exc)}" + "".join(f"; {h}" for h in hints)) from None
-
-
-def _suspects(section, name, builder, kwargs):
-    """Hints for the keys whose values do not look like what the builder takes (its annotations and
-    defaults): a string where a list or a number is expected, a list of another length than the default."""
-    try:
-        params = inspect.signature(builder).parameters
-    except (TypeError, ValueError):
-        return []
-    wrong_type, wrong_length = [], []
-    for key, value in kwargs.items():
-        p = params.get(key)
-        if p is None:
-            continue
-        default = None if p.default is inspect.Parameter.empty else p.default
-        annotated = p.annotation is not inspect.Parameter.empty and isinstance(p.annotation, type)
-        expected = p.annotation if annotated else type(default) if default is not None else None
-        if expected in (list, tuple):
-            if not isinstance(value, (list, tuple)):
-                example = f" like {list(default)}" if isinstance(default, (list, tuple)) else ""
-                wrong_type.append(f"`{section}.{key}` is {value!r} ({type(value).__name__}), but "
-                                  f"`{name}` takes a list{example}")
-            elif isinstance(default, (list, tuple)) and len(value) != len(default):
-                wrong_length.append(f"`{section}.{key}` has {len(value)} value(s) where the default "
-                                    f"{list(default)} has {len(default)}")
-        elif expected in (int, float, bool, str) and not _fits(value, expected):
-            wrong_type.append(f"`{section}.{key}` is {value!r} ({type(value).__name__}), but "
-                              f"`{name}` takes {expected.__name__}")
-    return wrong_type or wrong_length
-
-
-def _fits(value, expected):
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, expected)
+    model = build_part("model", cfg.model, MODELS.resolve(cfg.model.name), lambda: components.build_model(cfg),
+                       report)
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"`model.name={cfg.model.name}` returned `{type(model).__name__}`, not a torch.nn.Module; name a "
+                        "model class (or a function that returns a module)")
+    build_part("loss", cfg.loss, LOSSES.resolve(cfg.loss.name), lambda: components.build_loss(cfg), report)
+    build_part("optimizer", cfg.optimizer, OPTIMIZERS.resolve(cfg.optimizer.name),
+               lambda: components.build_optimizer(cfg, model.parameters()), report)
 
 
 # ---------------------------------------------------------------- stage 2: one batch through everything
@@ -155,7 +106,8 @@ def check_batch(cfg, data, model, loss_fn, metric_fns, device):
     with rng_kept(), torch.no_grad(), _eval_mode(model), _eager():
         batches = {split: _first_batch(getattr(data, split), split, device) for split in ("train", "val")}
         facts = DataFacts.of(cfg, data.metadata, *batches["train"])
-        problems = _check_loss(cfg, facts) + _check_metrics(cfg, facts) + _check_model(cfg, facts)
+        problems = _check_finite(batches) + _check_loss(cfg, facts) + _check_metrics(cfg, facts)
+        problems += _check_model(cfg, facts)
         if problems:
             raise PreflightError(problems)
         for split, (inputs, targets) in batches.items():
@@ -164,6 +116,19 @@ def check_batch(cfg, data, model, loss_fn, metric_fns, device):
             if problems:
                 raise PreflightError(problems)
             _loss_and_metrics(cfg, loss_fn, metric_fns, outputs, targets)
+
+
+def _check_finite(batches):
+    """NaN or infinite values in the data make the first loss NaN: say so now, naming the split and the tensor."""
+    problems = []
+    for split, tensors in batches.items():
+        for what, tensor in zip(("inputs", "targets"), tensors):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                problems.append(f"the first {split} batch's {what} hold {bad} NaN or infinite value(s) of "
+                                f"{tensor.numel()}: clean the data (or replace them, e.g. numpy.nan_to_num) before "
+                                "training")
+    return problems
 
 
 @contextlib.contextmanager
@@ -193,7 +158,7 @@ def _first_batch(dataset, split, device):
     try:
         items = [dataset[i] for i in range(k)]
     except Exception as exc:
-        raise UserError(f"item 0 of the {split} data could not be read: {_describe_exception(exc)}") from None
+        raise UserError(f"item 0 of the {split} data could not be read: {describe_exception(exc)}") from None
     if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):
         got = type(items[0]).__name__ + (f" of {len(items[0])}" if isinstance(items[0], (tuple, list)) else "")
         raise UserError(f"the {split} dataset must yield (input, target) pairs, but its items are a {got}")
@@ -351,7 +316,7 @@ def _forward(cfg, facts, model, inputs, split):
     except Exception as exc:
         keys = "".join(f", `model.{k}={v}`" for k, v in cfg.model.kwargs.items())
         raise PreflightError([f"`model.name={cfg.model.name}`{keys} failed on a batch of the {split} data "
-                              f"({_shape(list(inputs.shape))} {_dtype(inputs)}): {_describe_exception(exc)}. "
+                              f"({_shape(list(inputs.shape))} {_dtype(inputs)}): {describe_exception(exc)}. "
                               f"The data: {facts.describe()}"]) from None
 
 
@@ -384,7 +349,7 @@ def _loss_and_metrics(cfg, loss_fn, metric_fns, outputs, targets):
     except Exception as exc:
         keys = "".join(f", `loss.{k}={v}`" for k, v in cfg.loss.kwargs.items())
         raise PreflightError([f"`loss.name={cfg.loss.name}`{keys} failed on the {shapes}: "
-                              f"{_describe_exception(exc)}"]) from None
+                              f"{describe_exception(exc)}"]) from None
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         got = _shape(list(loss.shape)) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise PreflightError([f"`loss.name={cfg.loss.name}` returned {got}; a loss returns the mean over the "
@@ -394,7 +359,7 @@ def _loss_and_metrics(cfg, loss_fn, metric_fns, outputs, targets):
             value = fn(outputs, targets)
         except Exception as exc:
             raise PreflightError([f"`training.metrics[{i}]` (`{name}`) failed on the {shapes}: "
-                                  f"{_describe_exception(exc)}"]) from None
+                                  f"{describe_exception(exc)}"]) from None
         if not isinstance(value, torch.Tensor) or value.shape != (len(targets),):
             got = _shape(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
             raise PreflightError([f"metric `{name}` returned {got} for a batch of {len(targets)}; a metric returns "
@@ -402,17 +367,6 @@ def _loss_and_metrics(cfg, loss_fn, metric_fns, outputs, targets):
 
 
 # ---------------------------------------------------------------- wording
-
-
-def _describe_exception(exc):
-    """`Type: first line` and, for an error raised outside torch, where (the user's code)."""
-    text = str(exc).strip().splitlines()
-    where = ""
-    torch_dir = os.path.dirname(torch.__file__)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
-    if frames and frames[-1].filename != __file__:
-        where = f" (in {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}, {frames[-1].name})"
-    return f"{type(exc).__name__}: {text[0] if text else 'no details'}{where}"
 
 
 def _default(builder, key):

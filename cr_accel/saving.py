@@ -2,10 +2,13 @@
 and the write in the background (checkpoint/async_writer.py). Mixed into the Trainer; the policy of when
 to save stays in the loop."""
 
+import contextlib
+import shutil
 import time
 
 from .callbacks import Event
 from .checkpoint.async_writer import take_snapshot
+from .disk import WriteError, write_failure
 
 
 class SavingMixin:
@@ -23,11 +26,12 @@ class SavingMixin:
             snapshot = take_snapshot(acc)
             self.background_save.start(lambda: self._write_snapshot(snapshot, tmp, state, targets, summary))
         else:
-            acc.save_state(str(tmp))
-            ckpts.write_own_files(tmp, state, self.config_yaml)
-            acc.wait_for_everyone()  # every process has written its files
-            if acc.is_main_process:
-                ckpts.publish(tmp, targets, summary)
+            with self._explaining_write_failures(tmp, self.global_step):
+                acc.save_state(str(tmp))
+                ckpts.write_own_files(tmp, state, self.config_yaml)
+                acc.wait_for_everyone()  # every process has written its files
+                if acc.is_main_process:
+                    ckpts.publish(tmp, targets, summary)
             acc.wait_for_everyone()
         paths = [ckpts.root / name for name in ckpts.target_names(self.global_step, targets)]
         how = "started in the background" if self.async_save else "written"
@@ -41,12 +45,32 @@ class SavingMixin:
     def _write_snapshot(self, snapshot, tmp, state, targets, summary):
         """The background half of an asynchronous save: this process's files, then (main) publishing once
         every process has marked its files done."""
-        snapshot.write(tmp)
-        self.checkpoints.write_own_files(tmp, state, self.config_yaml)
-        self.checkpoints.mark_written(tmp, snapshot.process_index)
-        if self.accelerator.is_main_process:
-            self.checkpoints.wait_for_marks(tmp, self.accelerator.num_processes)
-            self.checkpoints.publish(tmp, targets, summary)
+        with self._explaining_write_failures(tmp, summary["global_step"], snapshot.nbytes()):
+            snapshot.write(tmp)
+            self.checkpoints.write_own_files(tmp, state, self.config_yaml)
+            self.checkpoints.mark_written(tmp, snapshot.process_index)
+            if self.accelerator.is_main_process:
+                self.checkpoints.wait_for_marks(tmp, self.accelerator.num_processes)
+                self.checkpoints.publish(tmp, targets, summary)
+
+    @contextlib.contextmanager
+    def _explaining_write_failures(self, tmp, step, state_bytes=None):
+        """A save that fails for the file system (a full disk, a read-only folder) becomes one WriteError that
+        says how much space there is and a checkpoint takes; the half-written folder is removed (it would hold
+        space and is never used), so the earlier checkpoints are all that is left, as they were."""
+        try:
+            yield
+        except Exception as exc:
+            ckpts = self.checkpoints
+            needed = ckpts.newest_size() or state_bytes or _state_bytes(self.model, self.optimizer)
+            error = write_failure(exc, f"the checkpoint of step {step}", ckpts.root, needed)
+            if error is None:
+                raise
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            earlier = ("The earlier checkpoints are intact: resume with --resume_from_checkpoint latest once there "
+                       "is room" if ckpts.complete() else "No checkpoint of this run had been written yet")
+            raise WriteError(f"{error}. {earlier}") from exc
 
     def wait_for_checkpoint(self):
         """Block until the save in flight (if any) is published; re-raises what its write raised."""
@@ -60,3 +84,14 @@ class SavingMixin:
         paths, self._unannounced = self._unannounced, []
         for path in paths:
             self.callbacks.fire(Event.ON_CHECKPOINT, self, path)
+
+
+def _state_bytes(model, optimizer):
+    """About what a checkpoint of `model` and `optimizer` takes: their tensors' bytes on this process."""
+    import torch
+
+    tensors = [*model.state_dict().values()]
+    for state in optimizer.state_dict().get("state", {}).values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+

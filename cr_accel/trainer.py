@@ -103,6 +103,7 @@ class Trainer(SavingMixin, ResumeMixin):
         self._unannounced = []  # checkpoints written in the background, not yet announced to callbacks
         self.preemption = Preemption(acc)
         self._resumed_mid_epoch = False
+        self._preflight_done = False
         self.preemption_agreed = False
         self.registry = self._register_state()
 
@@ -190,7 +191,7 @@ class Trainer(SavingMixin, ResumeMixin):
         `allow_config_change`: resume although the config differs from the checkpoint's in keys that change
         the run (the changes are logged); otherwise that is refused with a CheckpointError.
         """
-        preflight.run(self)  # one batch through model, loss and metrics, before anything is written
+        self.preflight()
         self.checkpoints.recover()
         if resume_from_checkpoint is not None:
             self._resume(resume_from_checkpoint, allow_config_change)
@@ -208,6 +209,13 @@ class Trainer(SavingMixin, ResumeMixin):
             self.preemption.uninstall()
             self._finish(status)
         return status
+
+    def preflight(self):
+        """One batch of each split through model, loss and metrics, before anything is written (once: `train`
+        runs it unless it ran already). Raises a UserError naming what does not fit."""
+        if not self._preflight_done:
+            preflight.run(self)
+            self._preflight_done = True
 
     def _run_epoch(self):
         epoch, t = self.epoch, self.cfg.training

@@ -11,6 +11,8 @@ launched through `accelerate launch`. Exits like train.py (75 when preempted).
 is written, so a test can kill the process while a checkpoint is half written; with --slow-save-step N only the
 checkpoint of optimizer step N is slowed down (the others cost the test no time).
 Every process also writes OUT.rank<R>.json: its own status, step and the signal it received (or null).
+--fill-disk-after-step K: right after optimizer step K the main process fills the file system of output.dir
+(a file `filler.bin` next to output.dir) until FILL_LEAVES bytes are free: room for log lines, not a checkpoint.
 --print-pid: every process prints `PID <rank> <pid>` when training starts, so a test can signal one of them.
 --await-signal R:K: the process of rank R prints `AWAITING-SIGNAL <rank> <pid> <step>` right after optimizer
 step K and waits (at most 60 s) until its preemption handler has seen a signal that the test sends from
@@ -27,13 +29,11 @@ from safetensors.torch import save_file
 
 from cr_accel import checkpoint
 from cr_accel.callbacks import Callback
-from cr_accel.cli import train_parser
-from cr_accel.config import load_config
-from cr_accel.preemption import PREEMPTED_EXIT_CODE
-from cr_accel.trainer import Trainer
+from cr_accel.cli import train_command, train_parser
 
 
 AWAIT_SIGNAL_SECONDS = 60
+FILL_LEAVES = 64 * 1024
 
 
 def say(line):
@@ -43,9 +43,10 @@ def say(line):
 
 
 class Recorder(Callback):
-    def __init__(self, path, stop_at_step, print_pid=False, await_signal=None):
+    def __init__(self, path, stop_at_step, print_pid=False, await_signal=None, fill_disk_after_step=None):
         self.path = path
         self.stop_at_step = stop_at_step
+        self.fill_disk_after_step = fill_disk_after_step
         self.print_pid = print_pid
         self.await_signal = await_signal  # (rank, step) or None
         self.lrs = []
@@ -59,6 +60,8 @@ class Recorder(Callback):
         self.lrs.append(trainer.optimizer.param_groups[0]["lr"])  # the LR of the *next* step
         if step == self.stop_at_step:
             os.kill(os.getpid(), signal.SIGTERM)
+        if step == self.fill_disk_after_step and trainer.accelerator.is_main_process:
+            fill_disk(trainer.output_dir.parent / "filler.bin")
         rank = trainer.accelerator.process_index
         if self.await_signal == (rank, step):
             say(f"AWAITING-SIGNAL {rank} {os.getpid()} {step}")
@@ -81,6 +84,14 @@ class Recorder(Callback):
                            "global_step": trainer.global_step}, f)
 
 
+def fill_disk(path):
+    import shutil
+
+    with open(path, "wb") as f:
+        f.write(b"\0" * max(0, shutil.disk_usage(path.parent).free - FILL_LEAVES))
+    say(f"DISK-FILLED {shutil.disk_usage(path.parent).free}")
+
+
 def slow_down_manifests(seconds, only_step=None):
     write = checkpoint.store._write_manifest
 
@@ -100,16 +111,14 @@ def main():
     parser.add_argument("--slow-save", type=float, default=None)
     parser.add_argument("--slow-save-step", type=int, default=None)
     parser.add_argument("--print-pid", action="store_true")
+    parser.add_argument("--fill-disk-after-step", type=int, default=None)
     parser.add_argument("--await-signal", metavar="RANK:STEP", default=None,
                         type=lambda v: tuple(int(x) for x in v.split(":")))
     args = parser.parse_intermixed_args()
     if args.slow_save:
         slow_down_manifests(args.slow_save, args.slow_save_step)
-    cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, callbacks=[Recorder(args.probe, args.stop_at_step, args.print_pid, args.await_signal)])
-    status = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint,
-                           allow_config_change=args.allow_config_change)
-    return PREEMPTED_EXIT_CODE if status == "preempted" else 0
+    recorder = Recorder(args.probe, args.stop_at_step, args.print_pid, args.await_signal, args.fill_disk_after_step)
+    return train_command(args, callbacks=[recorder])  # as train.py runs: user errors are one line and exit 2
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ class Bad:
     missing_file: bool = False  # pass --config of a file that does not exist
     raw_bytes: bytes = None  # the file's bytes, for encodings other than UTF-8
     folder: bool = False  # pass --config of a folder
+    arguments: object = None  # case folder -> extra command-line arguments (after making what they point at)
 
 
 BAD = [
@@ -126,7 +127,46 @@ BAD = [
         [r"found 3 errors", r"unknown key `training\.lerning_rate`", r"`optimizer\.lr`: must be > 0",
          r"`model\.name`: unknown model `conv_autoencodr`"],
         patch={"training": {"lerning_rate": 0.1}, "optimizer": {"lr": -0.1}, "model": {"name": "conv_autoencodr"}}),
+    Bad("yaml_key_given_twice", [r"config file `[^`]*config\.yaml`: `epochs` is given twice in one mapping "
+                                 r"\(lines 2 and 3\); keep one of them"],
+        text="training:\n  epochs: 2\n  epochs: 3\n"),
+    Bad("config_file_empty", [r"config file `[^`]*config\.yaml` is empty \(or holds only comments\)",
+                              r"configs/default\.yaml"], text="# nothing here yet\n"),
+    Bad("metric_listed_twice", [r"`training\.metrics\[1\]`: `psnr` is listed twice; list each metric once"],
+        overrides=["training.metrics=[psnr, psnr]"]),
+    Bad("overwrite_and_resume_together", [r"--overwrite replaces an earlier run and --resume_from_checkpoint "
+                                          r"continues one; pass one of them"],
+        overrides=["--overwrite", "--resume_from_checkpoint", "latest"]),
+    Bad("resume_from_a_folder_without_manifest",
+        [r"checkpoint `[^`]*not_a_checkpoint` has no manifest\.json: it is incomplete or not a cr_accel checkpoint"],
+        arguments=lambda case_dir: ["--resume_from_checkpoint", _folder(case_dir / "not_a_checkpoint")]),
+    Bad("model_is_not_a_module", [r"`model\.name=collections:OrderedDict` returned `OrderedDict`, not a "
+                                  r"torch\.nn\.Module"],
+        overrides=["model.name=collections:OrderedDict", "~model.in_channels", "~model.out_channels",
+                   "~model.base_channels", "~model.depth"]),
+    Bad("data_builder_raises", [r"`data` could not be built: `tests\.test_config:failing_data_builder\(\)` raised "
+                                r"FileNotFoundError: no shards under /data/missing \(in test_config\.py:\d+, "
+                                r"failing_data_builder\)"],
+        overrides=["data.name=tests.test_config:failing_data_builder", "~data.num_train", "~data.num_val"]),
+    Bad("schedule_builder_raises", [r"`scheduler` could not be built: `tests\.test_config:failing_schedule\(\)` "
+                                    r"raised ValueError: warm-up longer than the run"],
+        overrides=["scheduler.name=tests.test_config:failing_schedule"]),
 ]
+
+
+def failing_data_builder(seed):
+    """A user's dataset builder whose files are not there."""
+    raise FileNotFoundError("no shards under /data/missing")
+
+
+def failing_schedule(num_training_steps, num_warmup_steps, min_lr_ratio):
+    """A user's LR schedule that refuses the run's length."""
+    raise ValueError("warm-up longer than the run")
+
+
+def _folder(path):
+    path.mkdir()
+    return path
 
 
 def _merge(base, patch):
@@ -154,7 +194,9 @@ def _run_bad(case, case_dir, run_train):
         merged = _merge(parse_yaml(DEFAULT.read_text()), case.patch or {})
         config.write_text(yaml.safe_dump(merged, sort_keys=False).replace("{tmp}", str(case_dir)))
     out_dir = case_dir / "out"
-    rc, stdout, stderr = run_train("--config", config, f"output.dir={out_dir}", *case.overrides, timeout=60)
+    arguments = case.arguments(case_dir) if case.arguments else []
+    rc, stdout, stderr = run_train("--config", config, f"output.dir={out_dir}", *case.overrides, *arguments,
+                                   timeout=60)
     return rc, stdout, stderr, out_dir, case_dir
 
 
@@ -168,7 +210,7 @@ def bad_runs(tmp_path_factory, run_train):
 
 
 def test_bad_table_is_big_enough():
-    assert len(BAD) >= 16 and len({c.id for c in BAD}) == len(BAD)
+    assert len(BAD) >= 40 and len({c.id for c in BAD}) == len(BAD)
 
 
 @pytest.mark.parametrize("case", BAD, ids=lambda c: c.id)
@@ -181,7 +223,7 @@ def test_bad_config_exits_2_with_specific_message(case, bad_runs):
     for pattern in case.patterns:
         assert re.search(pattern, stderr), f"stderr does not match /{pattern}/{shown}"
     assert not out_dir.exists(), f"a refused config created {out_dir}: {sorted(p.name for p in out_dir.iterdir())}"
-    made = sorted(p.name for p in case_dir.iterdir())
+    made = sorted(p.name for p in case_dir.iterdir() if p.name != "not_a_checkpoint")
     assert made in ([], ["config.yaml"]), f"the refused run left files beside its config: {made}"
 
 

@@ -337,19 +337,39 @@ def assert_no_launcher_noise(output):
         assert noise not in output, f"{noise!r} shown:\n{output[-4000:]}"
 
 
-def test_a_user_error_on_2_processes_exits_2_with_its_message_once(tmp_path):
-    # Caught after the Accelerator (and the gloo group) exists: the checkpoint is read on every rank.
-    corrupt = tmp_path / "ckpt"
+# A sample of the bad-input table (tests/test_config.py, tests/test_preflight.py) through 2 processes: errors
+# found before the Accelerator exists, after it (on every rank), by argparse, and in a user's data builder.
+LAUNCHED_USER_ERRORS = {
+    "corrupt checkpoint": (lambda tmp: ["--resume_from_checkpoint", _corrupt_checkpoint(tmp)],
+                           lambda tmp: f"error: checkpoint `{tmp / 'ckpt'}`: the manifest is not valid JSON"),
+    "unknown key": (lambda tmp: ["training.epoch=3"],
+                    lambda tmp: "unknown key `training.epoch`; did you mean `training.epochs`?"),
+    "preflight": (lambda tmp: ["data.image_size=30"], lambda tmp: "(`data.image_size=30`): set `model.depth=1`"),
+    "data builder": (lambda tmp: ["data.name=tests.test_config:failing_data_builder", "~data.num_train",
+                                  "~data.num_val"],
+                     lambda tmp: "error: `data` could not be built: `tests.test_config:failing_data_builder()` "
+                                 "raised FileNotFoundError: no shards under /data/missing"),
+    "argparse": (lambda tmp: ["--epochs", "3"], lambda tmp: "train.py: error: unrecognized arguments: --epochs 3"),
+}
+
+
+def _corrupt_checkpoint(tmp):
+    corrupt = tmp / "ckpt"
     corrupt.mkdir()
     (corrupt / "manifest.json").write_text("{not json")
+    return corrupt
+
+
+@pytest.mark.parametrize("case", sorted(LAUNCHED_USER_ERRORS))
+def test_a_user_error_on_2_processes_exits_2_with_its_message_once(tmp_path, case):
+    extra, expected = LAUNCHED_USER_ERRORS[case]
     run_dir = tmp_path / "run"
-    result = launch("--num-processes", "2", *TINY_RUN, f"output.dir={run_dir}", "--resume_from_checkpoint", corrupt,
+    result = launch("--num-processes", "2", *TINY_RUN, f"output.dir={run_dir}", *extra(tmp_path),
                     extra_env={"OMP_NUM_THREADS": "1"}, timeout=REAL_RUN_TIMEOUT)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-4000:]
-    message = f"error: checkpoint `{corrupt}`: the manifest is not valid JSON"
-    assert output.count(message) == 1, output[-4000:]
-    assert output.count("error:") == 1, output[-4000:]
+    assert output.count(expected(tmp_path)) == 1, output[-4000:]
+    assert len(re.findall(r"^(train\.py: )?error: ", output, re.M)) == 1, output[-4000:]  # once, not once per rank
     assert_no_launcher_noise(output)
     assert not run_dir.exists()
 

@@ -31,6 +31,7 @@ def _files_data(name):
 
 CLASSES = _files_data("classes")  # 40 samples of 8 floats, labels 0..9
 VALUES = _files_data("values")  # 40 samples of 6 floats -> 3 floats
+NAN_IMAGES = _files_data("nan_images")  # 40 images 1x32x32 whose inputs are all NaN
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Case:
     overrides: list
     patterns: list  # regexes that must all match stderr (problems found together are reported together)
     existing_dir: bool = False  # output.dir exists beforehand, holding a file of the user's
+    earlier_run: bool = False  # output.dir holds an earlier run (the case passes --overwrite)
 
 
 CASES = [
@@ -85,6 +87,12 @@ CASES = [
         r"`model\.name=torch\.nn:Linear`, `model\.in_features=5`, `model\.out_features=3` failed on a batch of "
         r"the train data \(\[2, 6\] float32\): RuntimeError: mat1 and mat2 shapes cannot be multiplied.*"
         r"The data: inputs \[6\] float32, targets \[3\] float32 \(task regression"]),
+    Case("nan_in_the_data", NAN_IMAGES, [
+        r"the first train batch's inputs hold 2048 NaN or infinite value\(s\) of 2048: clean the data",
+        r"the first val batch's inputs hold 2048 NaN or infinite value\(s\) of 2048"]),
+    # --overwrite with a config that cannot start: the earlier run is still there, untouched.
+    Case("overwrite_keeps_the_earlier_run_when_the_new_one_cannot_start", ["data.image_size=30", "--overwrite"], [
+        r"`model\.depth=2` halves the images 2 times"], earlier_run=True),
 ]
 
 
@@ -93,6 +101,8 @@ def _write_data(folder):
     torch.save({"inputs": torch.randn(40, 8, generator=g), "targets": torch.arange(40) % 10}, folder / "classes.pt")
     torch.save({"inputs": torch.randn(40, 6, generator=g), "targets": torch.randn(40, 3, generator=g)},
                folder / "values.pt")
+    images = torch.rand(40, 1, 32, 32, generator=g)
+    torch.save({"inputs": torch.full_like(images, float("nan")), "targets": images}, folder / "nan_images.pt")
 
 
 def _snapshot(folder):
@@ -106,6 +116,11 @@ def _run_case(case, folder, run_train):
     if case.existing_dir:
         out.mkdir()
         (out / "notes.txt").write_text("the user's own file\n")
+    if case.earlier_run:
+        (out / "checkpoints/last").mkdir(parents=True)
+        (out / "config.yaml").write_text("the earlier run's config\n")
+        (out / "metrics.csv").write_text("epoch,train_loss\n1,0.5\n")
+        (out / "checkpoints/last/manifest.json").write_text("{}")
     before = _snapshot(out)
     overrides = [o.replace("{tmp}", str(folder)) for o in case.overrides]
     rc, stdout, stderr = run_train("--config", "configs/default.yaml", *TINY, *overrides, f"output.dir={out}")

@@ -94,6 +94,14 @@ class Checkpoints:
     def complete(self):
         return [p for p in self.entries() if (p.name in NAMED or _POOL.match(p.name)) and is_complete(p)]
 
+    def newest_size(self):
+        """The bytes of the newest complete checkpoint, from its manifest (None when there is none)."""
+        newest = next((path for path, problem in self.newest_first() if problem is None), None)
+        if newest is None:
+            return None
+        files = read_json(newest / MANIFEST, newest, what="manifest").get("files", {})
+        return sum(entry.get("size", 0) for entry in files.values() if isinstance(entry, dict))
+
     # ------------------------------------------------------------ saving
 
     def prepare_folder(self, step):
