@@ -19,8 +19,17 @@ for work that should happen once. A callback with `state_dict()/load_state_dict(
 checkpoints (JSON values, or tensors), under its `state_key` (default: its class name).
 """
 
+from __future__ import annotations
+
 import enum
 import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+    from .trainer import Trainer
 
 
 class Event(str, enum.Enum):
@@ -35,47 +44,47 @@ class Event(str, enum.Enum):
 class Callback:
     """Subclass and override the events you need; every hook defaults to doing nothing."""
 
-    def on_train_start(self, trainer):
+    def on_train_start(self, trainer: Trainer) -> None:
         pass
 
-    def on_step_end(self, trainer, step, loss):
+    def on_step_end(self, trainer: Trainer, step: int, loss: torch.Tensor) -> None:
         pass
 
-    def on_validation_end(self, trainer, metrics):
+    def on_validation_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         pass
 
-    def on_epoch_end(self, trainer, metrics):
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         pass
 
-    def on_checkpoint(self, trainer, path):
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
         pass
 
-    def on_train_end(self, trainer, status):
+    def on_train_end(self, trainer: Trainer, status: str) -> None:
         pass
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
 
 class EpochFunctionCallback(Callback):
     """Adapts `fn(epoch, train_loss, val_loss, model, optimizer, **metrics)` to on_epoch_end."""
 
-    def __init__(self, fn):
+    def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
 
-    def on_epoch_end(self, trainer, metrics):
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         rest = {k: v for k, v in metrics.items() if k not in ("epoch", "train_loss", "val_loss")}
         self.fn(metrics["epoch"], metrics.get("train_loss"), metrics.get("val_loss"), trainer.model,
                 trainer.optimizer, **rest)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"EpochFunctionCallback({getattr(self.fn, '__qualname__', self.fn)!r})"
 
 
-def as_callback(cb):
+def as_callback(cb: Callback | Callable[..., Any]) -> Callback:
     if isinstance(cb, Callback):
         return cb
     if callable(cb):
@@ -86,11 +95,11 @@ def as_callback(cb):
 class CallbackList:
     """Dispatches events; keeps, per event, only the callbacks that override it (a no-op costs nothing)."""
 
-    def __init__(self):
-        self.callbacks = []
-        self._listeners = {event: [] for event in Event}
+    def __init__(self) -> None:
+        self.callbacks: list[Callback] = []
+        self._listeners: dict[Event, list[Callable[..., Any]]] = {event: [] for event in Event}
 
-    def add(self, cb):
+    def add(self, cb: Callback | Callable[..., Any]) -> Callback:
         cb = as_callback(cb)
         self.callbacks.append(cb)
         for event in Event:
@@ -98,23 +107,23 @@ class CallbackList:
                 self._listeners[event].append(getattr(cb, event.value))
         return cb
 
-    def has(self, event):
+    def has(self, event: Event) -> bool:
         return bool(self._listeners[event])
 
-    def fire(self, event, *args):
+    def fire(self, event: Event, *args: Any) -> None:
         for hook in self._listeners[event]:
             hook(*args)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {key: cb.state_dict() for key, cb in self._keyed().items()}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, cb in self._keyed().items():
             saved = state.get(key, state.get(self._legacy_key(cb)))
             if saved is not None:
                 cb.load_state_dict(saved)
 
-    def _keyed(self):
+    def _keyed(self) -> dict[str, Callback]:
         """{state_key: callback}: a callback's `state_key` (default: its class name), numbered from the second
         callback of the same key on, so adding an unrelated callback does not move anyone's state."""
         keyed = {}
@@ -127,11 +136,11 @@ class CallbackList:
             keyed[key] = cb
         return keyed
 
-    def _legacy_key(self, cb):
+    def _legacy_key(self, cb: Callback) -> str:
         """Checkpoints before state keys named callbacks by position: `index:ClassName`."""
         return f"{self.callbacks.index(cb)}:{type(cb).__qualname__}"
 
 
-def hook_names():
+def hook_names() -> set[str]:
     """Every public hook a Callback defines (the contract test compares them with Event)."""
     return {name for name, _ in inspect.getmembers(Callback, inspect.isfunction) if name.startswith("on_")}

@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 from .disk import check_writable, failure_kind, write_failure
 from .errors import UserError
@@ -28,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
-def train_parser(prog="train.py"):
+def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     p = _Parser(
         prog=prog,
         description="Train from a YAML config; override any key as section.key=value.",
@@ -44,7 +45,7 @@ def train_parser(prog="train.py"):
     return p
 
 
-def run_training(args, callbacks=()):
+def run_training(args: argparse.Namespace, callbacks: Iterable[Any] = ()) -> int:
     from . import preflight
     from .config import load_config
 
@@ -111,12 +112,12 @@ def _error(message):
         print(f"error: {message}", file=sys.stderr)
 
 
-def main_train(argv=None, prog="train.py"):
+def main_train(argv: Sequence[str] | None = None, prog: str = "train.py") -> int:
     args = train_parser(prog).parse_intermixed_args(argv)  # overrides may come between options
     return train_command(args)
 
 
-def train_command(args, callbacks=()):
+def train_command(args: argparse.Namespace, callbacks: Iterable[Any] = ()) -> int:
     """`run_training`, with a user error printed as one line (by the main process) and exit code 2."""
     try:
         return run_training(args, callbacks)
@@ -142,7 +143,7 @@ def main_dashboard(argv):
     return dashboard_main(argv)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """`cr-accel <command>`: train, config, dashboard; `cr-accel --help` lists them."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {

@@ -13,7 +13,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
@@ -202,18 +202,18 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text):
+def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def load_config(path, overrides=(), check_components=True):
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), check_components: bool = True) -> Config:
     """Read, override, type-check and value-check a config; raise ConfigError listing every problem."""
-    problems = []
+    problems: list[str] = []
     raw = _apply_overrides(_read_yaml_file(path), overrides, problems)
     return config_from_dict(raw, check_components, problems)
 
 
-def config_from_dict(raw, check_components=True, problems=None):
+def config_from_dict(raw: dict[str, Any], check_components: bool = True, problems: list[str] | None = None) -> Config:
     """The same checks as `load_config`, for a config already in memory (tests, benchmarks, notebooks)."""
     problems = list(problems or [])
     cfg, flagged = _from_dict(raw, problems)
@@ -411,7 +411,7 @@ def _suggest(key, section):
     return f"; did you mean `{candidates[close[0]][0]}`?"
 
 
-def check_values(cfg):
+def check_values(cfg: Config) -> list[tuple[str, str]]:
     """(key, message) for every value that has the right type but cannot work."""
     t, s, o, d, c = cfg.training, cfg.scheduler, cfg.optimizer, cfg.data, cfg.checkpoint
     rules = [

@@ -7,17 +7,18 @@ here (`@MODELS.register("mlp")`) or by a `package.module:Name` target pointing a
 import difflib
 import importlib
 import inspect
+from typing import Any, Callable, Sequence
 
 
 class Registry:
     """A name -> builder table that rejects duplicates and answers a miss with the valid choices."""
 
-    def __init__(self, kind):
+    def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._builders = {}
+        self._builders: dict[str, Callable[..., Any]] = {}
 
-    def register(self, name):
-        def decorator(builder):
+    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def decorator(builder: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._builders:
                 raise ValueError(f"{self.kind} `{name}` is already registered (by {self._builders[name]!r})")
             self._builders[name] = builder
@@ -25,13 +26,13 @@ class Registry:
 
         return decorator
 
-    def names(self):
+    def names(self) -> list[str]:
         return sorted(self._builders)
 
-    def __contains__(self, name):
+    def __contains__(self, name: object) -> bool:
         return name in self._builders
 
-    def resolve(self, name):
+    def resolve(self, name: str) -> Callable[..., Any]:
         """The builder for a registered name or a `package.module:Name` target; LookupError says why not."""
         if ":" in name:
             return _import_target(name)
@@ -45,7 +46,7 @@ class Registry:
         )
 
 
-def _import_target(target):
+def _import_target(target: str) -> Callable[..., Any]:
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
         raise LookupError(f"target `{target}` must look like `package.module:Name`")
@@ -63,7 +64,8 @@ def _import_target(target):
     return obj
 
 
-def check_kwargs(builder, kwargs, injected=()):
+def check_kwargs(builder: Callable[..., Any], kwargs: dict[str, Any],
+                 injected: Sequence[str] = ()) -> list[tuple[str, str]]:
     """Problems with calling `builder(**injected, **kwargs)`, found from its signature without calling it.
 
     `injected` names the arguments the trainer passes itself (the parameters of an optimizer, say); they
@@ -93,7 +95,7 @@ def check_kwargs(builder, kwargs, injected=()):
     return problems
 
 
-def accepts(builder, name):
+def accepts(builder: Callable[..., Any], name: str) -> bool:
     """Whether `builder` takes a keyword argument called `name`."""
     try:
         params = inspect.signature(builder).parameters
@@ -102,5 +104,5 @@ def accepts(builder, name):
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _name(builder):
+def _name(builder: Any) -> str:
     return getattr(builder, "__qualname__", repr(builder))

@@ -20,10 +20,14 @@ schedule (`StepSchedule.retime`). The accumulation an elastic resume derives is 
 is no change; a hand-made one is.
 """
 
+from __future__ import annotations
+
 import hashlib
 import math
+import os
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,8 +38,18 @@ from .checkpoint.store import load_refusing_pickles
 from .config_diff import ConfigChangedError, check_config, describe, read_checkpoint_config
 from .environment import UNSHARDED_TYPES
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
-def elastic_accumulation(saved_world_size, saved_accumulation, world_size):
+    from .checkpoint import Checkpoints
+    from .config import Config
+    from .data import DatasetSplits
+    from .run_log import MetricsCSV, TextLog
+    from .schedule import StepSchedule
+    from .state import StateRegistry, TrainState
+
+
+def elastic_accumulation(saved_world_size: int, saved_accumulation: int, world_size: int) -> int:
     """The accumulation that keeps the global batch of a checkpoint written by `saved_world_size` processes."""
     per_step = saved_world_size * saved_accumulation
     if per_step % world_size:
@@ -48,7 +62,7 @@ def elastic_accumulation(saved_world_size, saved_accumulation, world_size):
     return per_step // world_size
 
 
-def reseed(seed, rank, step):
+def reseed(seed: int, rank: int, step: int) -> None:
     """A process's RNG streams as a function of (seed, rank, step), for a resume on another world size."""
     digest = hashlib.sha256(f"cr_accel:{seed}:{rank}:{step}".encode()).digest()
     derived = int.from_bytes(digest[:8], "little") % (2**63)
@@ -57,7 +71,7 @@ def reseed(seed, rank, step):
     torch.manual_seed(derived)
 
 
-def agree(accelerator, problem):
+def agree(accelerator: Accelerator, problem: Any) -> list[Any]:
     """Every process's problem with a checkpoint (None where it had none): a checkpoint one process cannot
     use is used by none of them."""
     if accelerator.num_processes == 1:
@@ -67,19 +81,19 @@ def agree(accelerator, problem):
     return [p for p in gather_object([problem]) if p]
 
 
-def candidates(checkpoints, where):
+def candidates(checkpoints: Checkpoints, where: str | os.PathLike) -> list[tuple[Path, str | None]]:
     """(path, problem) pairs to try in order: the explicit path, or every entry of the run, newest first."""
     if where != "latest":
         return [(Path(where), None)]
     return checkpoints.newest_first()
 
 
-def load_accelerate_state(accelerator, path):
+def load_accelerate_state(accelerator: Accelerator, path: Path) -> None:
     """accelerator.load_state, with every weights-only refusal or damaged file turned into CheckpointError."""
     load_refusing_pickles(accelerator.load_state, str(path))
 
 
-def verify_and_read(path):
+def verify_and_read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     store.verify(path)
     return store.read_state(path), store.read_tensors(path)
 
@@ -87,7 +101,30 @@ def verify_and_read(path):
 class ResumeMixin:
     """The Trainer's resume: the candidates tried in order, each loaded on every process or on none."""
 
-    def _resume(self, where, allow_config_change=False):
+    # What the Trainer it is mixed into provides.
+    accelerator: Accelerator
+    cfg: Config
+    checkpoints: Checkpoints
+    registry: StateRegistry
+    state: TrainState
+    schedule: StepSchedule
+    data: DatasetSplits
+    log: TextLog
+    csv: MetricsCSV
+    model: Any
+    optimizer: Any
+    epoch: int
+    batch_in_epoch: int
+    global_step: int
+    accumulation: int
+    steps_per_epoch: int
+    total_steps: int
+    _resumed_mid_epoch: bool
+
+    if TYPE_CHECKING:
+        def _size_steps(self) -> int: ...
+
+    def _resume(self, where: str | os.PathLike, allow_config_change: bool = False) -> None:
         """Load `where` (a folder, or `latest`): see the module's docstring for what is tried and refused."""
         rejected = []
         for path, problem in candidates(self.checkpoints, where):
@@ -117,17 +154,17 @@ class ResumeMixin:
         self.log.info(f"no complete checkpoint in {self.checkpoints.root} (it holds none at all): starting from scratch")
         self.csv.keep_epochs(0)
 
-    def _load_checkpoint(self, path, allow_config_change=False):
+    def _load_checkpoint(self, path: Path, allow_config_change: bool = False) -> list[str]:
         """Load one checkpoint on every process, or raise CheckpointError on every process. Returns the
         lines to log once the checkpoint is in use (the config changes allowed, a re-timed schedule)."""
         acc = self.accelerator
-        problem, loaded = None, None
+        problem: tuple[bool, str] | None = None
         try:
             loaded = self._read_checkpoint(path, allow_config_change)
         except CheckpointError as exc:
             problem = (isinstance(exc, ConfigChangedError), str(exc))
         problems = agree(acc, problem)
-        if problems:
+        if problems:  # on every process, this one's own problem included
             config_changed, message = problems[0]
             raise (ConfigChangedError if config_changed else CheckpointError)(message)
         parts, tensors, accumulation, changes, fresh = loaded
@@ -145,7 +182,7 @@ class ResumeMixin:
         self._take_optimizer_changes(changes, *fresh)
         return notes + self._retime_schedule()
 
-    def _read_checkpoint(self, path, allow_config_change=False):
+    def _read_checkpoint(self, path: Path, allow_config_change: bool = False) -> tuple:
         """Everything that can refuse a checkpoint, before any of this run's state changes."""
         acc = self.accelerator
         parts, tensors = verify_and_read(path)
@@ -169,7 +206,7 @@ class ResumeMixin:
             check_rng_restored(path, acc)
         return parts, tensors, accumulation, changes, fresh
 
-    def _model_to_check(self):
+    def _model_to_check(self) -> Any:
         """The model whose names and shapes a checkpoint must fit. The live one, except where it does not show
         them: under FSDP v1 (flat shards) and DeepSpeed (ZeRO-3 keeps empty placeholders) the config's model
         is built again without memory."""
@@ -178,12 +215,12 @@ class ResumeMixin:
             return acc.unwrap_model(self.model)
         return components.build_model_skeleton(self.cfg)
 
-    def _steps_per_epoch(self, batch_size, world_size, accumulation):
+    def _steps_per_epoch(self, batch_size: int, world_size: int, accumulation: int) -> int:
         """Optimizer steps per epoch for a run of `world_size` processes (accelerate evens out the batches)."""
         batches = math.ceil(len(self.data.train) / batch_size)
         return math.ceil(math.ceil(batches / world_size) / accumulation)
 
-    def _schedule_timing(self, then, saved):
+    def _schedule_timing(self, then: Config, saved: dict[str, Any]) -> dict[str, int]:
         """The LR schedule's length and warm-up for the run that wrote a checkpoint, from its config."""
         t = then.training
         total = t.epochs * self._steps_per_epoch(then.data.batch_size, saved["world_size"],
@@ -192,7 +229,7 @@ class ResumeMixin:
             total = min(total, t.max_steps)
         return {"num_training_steps": total, "num_warmup_steps": schedule.warmup_steps_for(then.scheduler, total)}
 
-    def _take_optimizer_changes(self, changes, groups, base_lrs):
+    def _take_optimizer_changes(self, changes: list, groups: list[dict], base_lrs: list[float]) -> None:
         """Allowed changes of the optimizer section take effect: load_state restored the saved settings."""
         keys = {key for key, _, _ in changes}
         if "optimizer.lr" in keys:  # the peak LR the schedule's factor multiplies
@@ -201,7 +238,7 @@ class ResumeMixin:
             for group, settings in zip(self.optimizer.param_groups, groups):
                 group.update(settings)
 
-    def _retime_schedule(self):
+    def _retime_schedule(self) -> list[str]:
         """A run now longer or shorter than the schedule is timed for continues the curve over the new length."""
         s, step = self.schedule, self.global_step
         end, factor_here, ended = s.end, s.factor_at(step), s.base_step(step) >= s.num_training_steps - 1
@@ -215,7 +252,7 @@ class ResumeMixin:
                          f"{factor_here:.6g}); another decay needs a new run with its own schedule")
         return notes
 
-    def _rescale_for_world_size(self, parts, accumulation):
+    def _rescale_for_world_size(self, parts: dict[str, Any], accumulation: int) -> dict[str, Any]:
         """The trainer part of a checkpoint from N processes, for this run's M: the same global position."""
         saved = dict(parts["trainer"])
         n, m, before = saved["world_size"], self.accelerator.num_processes, saved["gradient_accumulation_steps"]

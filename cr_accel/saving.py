@@ -2,17 +2,48 @@
 and the write in the background (checkpoint/async_writer.py). Mixed into the Trainer; the policy of when
 to save stays in the loop."""
 
+from __future__ import annotations
+
 import contextlib
 import shutil
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .callbacks import Event
 from .checkpoint.async_writer import take_snapshot
 from .disk import WriteError, write_failure
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from .callbacks import CallbackList
+    from .checkpoint import Checkpoints
+    from .checkpoint.async_writer import BackgroundSave, Snapshot
+    from .run_log import TextLog
+    from .state import StateRegistry
+
 
 class SavingMixin:
-    def save_checkpoint(self, targets):
+    # What the Trainer it is mixed into provides.
+    accelerator: Accelerator
+    checkpoints: Checkpoints
+    registry: StateRegistry
+    background_save: BackgroundSave
+    callbacks: CallbackList
+    log: TextLog
+    async_save: bool
+    global_step: int
+    epoch: int
+    model: Any
+    optimizer: Any
+    _unannounced: list[Path]
+
+    if TYPE_CHECKING:
+        @property
+        def config_yaml(self) -> str: ...
+
+    def save_checkpoint(self, targets: list[str]) -> list[Path]:
         """Save the full state at this optimizer-step boundary into `targets` (periodic, last, best). With
         asynchronous saves only the copy into host memory happens here; the write runs in the background."""
         started = time.perf_counter()
@@ -42,7 +73,8 @@ class SavingMixin:
             self._announce_checkpoints()
         return paths
 
-    def _write_snapshot(self, snapshot, tmp, state, targets, summary):
+    def _write_snapshot(self, snapshot: Snapshot, tmp: Path, state: tuple, targets: list[str],
+                        summary: dict[str, Any]) -> None:
         """The background half of an asynchronous save: this process's files, then (main) publishing once
         every process has marked its files done."""
         with self._explaining_write_failures(tmp, summary["global_step"], snapshot.nbytes()):
@@ -54,7 +86,7 @@ class SavingMixin:
                 self.checkpoints.publish(tmp, targets, summary)
 
     @contextlib.contextmanager
-    def _explaining_write_failures(self, tmp, step, state_bytes=None):
+    def _explaining_write_failures(self, tmp: Path, step: int, state_bytes: int | None = None) -> Iterator[None]:
         """A save that fails for the file system (a full disk, a read-only folder) becomes one WriteError that
         says how much space there is and a checkpoint takes; the half-written folder is removed (it would hold
         space and is never used), so the earlier checkpoints are all that is left, as they were."""
@@ -72,13 +104,13 @@ class SavingMixin:
                        "is room" if ckpts.complete() else "No checkpoint of this run had been written yet")
             raise WriteError(f"{error}. {earlier}") from exc
 
-    def wait_for_checkpoint(self):
+    def wait_for_checkpoint(self) -> None:
         """Block until the save in flight (if any) is published; re-raises what its write raised."""
         self.background_save.wait()
         self.accelerator.wait_for_everyone()  # the main process publishes after every process has written
         self._announce_checkpoints()
 
-    def _announce_checkpoints(self):
+    def _announce_checkpoints(self) -> None:
         if self.background_save.in_flight:
             return
         paths, self._unannounced = self._unannounced, []
@@ -86,7 +118,7 @@ class SavingMixin:
             self.callbacks.fire(Event.ON_CHECKPOINT, self, path)
 
 
-def _state_bytes(model, optimizer):
+def _state_bytes(model: Any, optimizer: Any) -> int:
     """About what a checkpoint of `model` and `optimizer` takes: their tensors' bytes on this process."""
     import torch
 

@@ -128,7 +128,7 @@ def _join_tensors(value, tensors):
 
 
 # Format 1 (before the registry) kept the parts as flat keys; what a format-1 file lacks takes these values.
-LEGACY_DEFAULTS = {"batch_in_epoch": 0, "best_value": None, "bad_validations": 0, "callbacks": {},
+LEGACY_DEFAULTS: dict[str, typing.Any] = {"batch_in_epoch": 0, "best_value": None, "bad_validations": 0, "callbacks": {},
                    "epoch_stats": None, "dataset": {}}
 _LEGACY_REQUIRED = ("format", "epoch", "global_step", "world_size", "schedule")
 _LEGACY_TRAINER_KEYS = ("epoch", "batch_in_epoch", "global_step", "world_size", "best_value", "bad_validations")

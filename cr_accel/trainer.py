@@ -5,20 +5,24 @@
     trainer.train()
 """
 
+from __future__ import annotations
+
 import functools
 import json
 import math
 import os
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from . import checkpoint, components, preflight
-from .callbacks import CallbackList, Event
+from .callbacks import Callback, CallbackList, Event
 from .checkpoint.async_writer import BackgroundSave, why_synchronous
+from .config import Config
 from .environment import UNSHARDED_TYPES, describe_environment, make_accelerator
 from .models import count_parameters
 from .preemption import Preemption
@@ -37,13 +41,13 @@ from .tracking import EpochTrackers
 class _Counter:
     """A TrainState field read and written as a Trainer attribute (`trainer.global_step`)."""
 
-    def __set_name__(self, owner, name):
+    def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, trainer, owner=None):
+    def __get__(self, trainer: Trainer | None, owner: type | None = None) -> Any:
         return self if trainer is None else getattr(trainer.state, self.name)
 
-    def __set__(self, trainer, value):
+    def __set__(self, trainer: Trainer, value: Any) -> None:
         setattr(trainer.state, self.name, value)
 
 
@@ -54,7 +58,7 @@ class Trainer(SavingMixin, ResumeMixin):
     best_value = _Counter()
     bad_validations = _Counter()  # consecutive validations without improvement (early stopping)
 
-    def __init__(self, cfg, callbacks=()):
+    def __init__(self, cfg: Config, callbacks: Iterable[Callback | Callable[..., Any]] = ()) -> None:
         self.cfg = cfg
         t = cfg.training
         if t.deterministic:
@@ -89,7 +93,7 @@ class Trainer(SavingMixin, ResumeMixin):
         self.max_grad_norm = t.grad_clip if t.grad_clip is not None else math.inf
 
         self.should_stop = False
-        self.stop_reason = None
+        self.stop_reason: str | None = None  # stopped_early, preempted, ...
 
         main = acc.is_main_process
         self.output_dir = Path(cfg.output.dir)
@@ -107,7 +111,7 @@ class Trainer(SavingMixin, ResumeMixin):
         self.preemption_agreed = False
         self.registry = self._register_state()
 
-    def _register_state(self):
+    def _register_state(self) -> StateRegistry:
         """Everything a checkpoint holds besides accelerate's files, each part saving and loading itself."""
         registry = StateRegistry()
         registry.register("trainer", self.state)
@@ -118,12 +122,12 @@ class Trainer(SavingMixin, ResumeMixin):
         registry.register("dataset", _Recorded(self.data.metadata))
         return registry
 
-    def add_callback(self, cb):
+    def add_callback(self, cb: Callback | Callable[..., Any]) -> Callback:
         return self.callbacks.add(cb)
 
     # ---------------------------------------------------------------- set-up
 
-    def _size_steps(self):
+    def _size_steps(self) -> int:
         """Optimizer steps per epoch and in total, for this run's accumulation (which an elastic resume may
         change); returns the total."""
         t = self.cfg.training
@@ -135,7 +139,7 @@ class Trainer(SavingMixin, ResumeMixin):
             self.total_steps = min(self.total_steps, t.max_steps)
         return self.total_steps
 
-    def _compile(self, mode):
+    def _compile(self, mode: bool | str) -> None:
         """torch.compile in place (nn.Module.compile): the module keeps its parameter names, so checkpoints
         are the same with compile on or off. accelerate's own `--dynamo_backend` is routed here too (the
         Accelerator is made with dynamo off), since its wrapper renames every parameter `_orig_mod.*`."""
@@ -147,7 +151,7 @@ class Trainer(SavingMixin, ResumeMixin):
             options["backend"] = backend
         self.accelerator.unwrap_model(self.model).compile(**options)
 
-    def _make_loaders(self):
+    def _make_loaders(self) -> tuple[DataLoader, DataLoader]:
         d = self.cfg.data
         # The loader's own generator keeps iterator creation from drawing on the global RNG (which
         # would shift dropout masks); with the seedable sampler the shuffle depends on (seed, epoch) only.
@@ -158,13 +162,13 @@ class Trainer(SavingMixin, ResumeMixin):
         return train, val
 
     @functools.cached_property
-    def config_yaml(self):
+    def config_yaml(self) -> str:
         """The resolved config as YAML: written next to the outputs and into every checkpoint."""
         import yaml
 
         return yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
 
-    def _write_run_files(self):
+    def _write_run_files(self) -> None:
         if not self.accelerator.is_main_process:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +187,7 @@ class Trainer(SavingMixin, ResumeMixin):
 
     # ---------------------------------------------------------------- the loop
 
-    def train(self, resume_from_checkpoint=None, allow_config_change=False):
+    def train(self, resume_from_checkpoint: str | os.PathLike | None = None, allow_config_change: bool = False) -> str:
         """Run to the end (or a stop); returns the status: finished, stopped_early or preempted.
 
         `resume_from_checkpoint`: a checkpoint folder, or "latest" for the newest complete one in
@@ -210,18 +214,18 @@ class Trainer(SavingMixin, ResumeMixin):
             self._finish(status)
         return status
 
-    def preflight(self):
+    def preflight(self) -> None:
         """One batch of each split through model, loss and metrics, before anything is written (once: `train`
         runs it unless it ran already). Raises a UserError naming what does not fit."""
         if not self._preflight_done:
             preflight.run(self)
             self._preflight_done = True
 
-    def _run_epoch(self):
+    def _run_epoch(self) -> dict[str, Any] | None:
         epoch, t = self.epoch, self.cfg.training
         started = time.perf_counter()
         train_metrics = self.train_one_epoch(epoch)
-        if self.preemption_agreed:
+        if train_metrics is None:  # the processes agreed to stop for a signal
             self._stop_for_preemption()
             return None
         metrics = {"epoch": epoch + 1, **train_metrics}
@@ -252,7 +256,7 @@ class Trainer(SavingMixin, ResumeMixin):
         self._save_epoch_checkpoints(epoch + 1, improved, finishing=self.should_stop or epoch + 1 == t.epochs)
         return metrics
 
-    def train_one_epoch(self, epoch):
+    def train_one_epoch(self, epoch: int) -> dict[str, Any] | None:
         """One pass over the training data; returns the epoch's train metrics, reduced over processes."""
         acc, t = self.accelerator, self.cfg.training
         self.model.train()
@@ -303,7 +307,7 @@ class Trainer(SavingMixin, ResumeMixin):
             return None
         return self.stats.epoch_totals()
 
-    def _forward_backward(self, inputs, targets):
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = self.loss_fn(self.model(inputs), targets)
         self.stats.add_loss(loss, self.global_step)
         if self.plain_step:
@@ -314,7 +318,7 @@ class Trainer(SavingMixin, ResumeMixin):
             self.accelerator.backward(loss)
         return loss
 
-    def _optimizer_step(self):
+    def _optimizer_step(self) -> None:
         """Clip (recording the pre-clip norm), step, advance the LR schedule, zero the gradients."""
         acc = self.accelerator
         if self.plain_step:
@@ -332,13 +336,13 @@ class Trainer(SavingMixin, ResumeMixin):
             self.global_step += 1
         self.step_optimizer.zero_grad(set_to_none=True)
 
-    def _report_progress(self, epoch):
+    def _report_progress(self, epoch: int) -> None:
         self.stats.flush()
         self.progress.report(epoch, self.global_step, self.total_steps, self.stats.last_loss,
                              self.schedule.lr_of_last_step()[0])
 
     @torch.no_grad()
-    def validate(self):
+    def validate(self) -> dict[str, float]:
         """Exact means over the validation set for any number of processes, with one reduction at the end.
 
         Each process sums the values of its own batches (a loss that returns the batch mean counts as mean x
@@ -376,7 +380,7 @@ class Trainer(SavingMixin, ResumeMixin):
         result.update({f"val_{name}": v for name, v in zip(self.metric_fns, means[1:])})
         return result
 
-    def _update_best(self, metrics):
+    def _update_best(self, metrics: dict[str, Any]) -> bool:
         c, t = self.cfg.checkpoint, self.cfg.training
         value = metrics.get(c.monitor)
         if value is None or math.isnan(value):
@@ -399,7 +403,7 @@ class Trainer(SavingMixin, ResumeMixin):
 
     # ---------------------------------------------------------------- checkpoints
 
-    def _save_epoch_checkpoints(self, epoch_number, improved, finishing):
+    def _save_epoch_checkpoints(self, epoch_number: int, improved: bool, finishing: bool) -> None:
         c = self.cfg.checkpoint
         targets = ["best"] if improved else []
         if epoch_number % c.save_every == 0:
@@ -409,7 +413,7 @@ class Trainer(SavingMixin, ResumeMixin):
         if targets:
             self.save_checkpoint(targets)
 
-    def _stop_for_preemption(self):
+    def _stop_for_preemption(self) -> None:
         self.log.info(f"{self.preemption.signal_name or 'signal'} received: saving a checkpoint at step "
                       f"{self.global_step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch}) and stopping")
         self.save_checkpoint(["last"])
@@ -418,7 +422,7 @@ class Trainer(SavingMixin, ResumeMixin):
 
     # ---------------------------------------------------------------- logging
 
-    def _log_epoch(self, metrics):
+    def _log_epoch(self, metrics: dict[str, Any]) -> None:
         m = metrics
         parts = [f"epoch {m['epoch']}/{self.cfg.training.epochs}", f"step {m['step']}",
                  f"train_loss {m['train_loss']:.6g}"]
@@ -431,7 +435,7 @@ class Trainer(SavingMixin, ResumeMixin):
         if self.trackers:
             self.trackers.epoch(self, metrics)
 
-    def _finish(self, status):
+    def _finish(self, status: str) -> None:
         self.progress.close()
         if status != "failed":
             self.wait_for_checkpoint()
@@ -453,11 +457,11 @@ class Trainer(SavingMixin, ResumeMixin):
 class _Recorded:
     """A value kept in checkpoints for readers (the dataset's metadata); loading it changes nothing."""
 
-    def __init__(self, value):
+    def __init__(self, value: Any) -> None:
         self.value = value
 
-    def state_dict(self):
+    def state_dict(self) -> Any:
         return self.value
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Any) -> None:
         pass

@@ -144,7 +144,7 @@ class HostBuffers:
             return sum(_nbytes(free) for free in self._free.values())
 
 
-_HOST_BUFFERS = weakref.WeakKeyDictionary()  # Accelerator -> HostBuffers; freed with the Accelerator
+_HOST_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Accelerator -> HostBuffers; freed with the Accelerator
 
 
 def take_snapshot(accelerator):

@@ -21,7 +21,7 @@ import torch
 
 from .async_writer import Snapshot
 
-_GROUPS = weakref.WeakKeyDictionary()  # Accelerator -> the gloo group of its checkpoint writes
+_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Accelerator -> the gloo group of its checkpoint writes
 
 
 def _checkpoint_group(accelerator):

@@ -1,6 +1,9 @@
 """The model of a checkpoint, whatever layout accelerate wrote it in: checking it fits, loading it for inference."""
 
+import os
 from pathlib import Path
+
+import torch
 
 import yaml
 
@@ -9,7 +12,7 @@ from .layouts import load_model_state, model_shapes, plain_name
 from .store import CONFIG, is_complete, verify
 
 
-def check_model_matches(path, model):
+def check_model_matches(path: str | os.PathLike, model: torch.nn.Module) -> None:
     """Name every parameter whose name or shape differs between the checkpoint and `model` (plain names on both
     sides, so a compiled or DDP-wrapped model matches the checkpoint of an unwrapped one)."""
     saved = model_shapes(path)
@@ -24,7 +27,7 @@ def check_model_matches(path, model):
                               "Use the model section the checkpoint was trained with (its config.yaml)")
 
 
-def load_model(run_dir_or_checkpoint, device="cpu"):
+def load_model(run_dir_or_checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The trained model, ready for inference, from a run folder (its best checkpoint, else its last) or a
     checkpoint folder: no trainer, optimizer or data needed.
 

@@ -39,7 +39,7 @@ CONFIG = layouts.CONFIG
 FORMAT = 1  # of the manifest
 NAMED = ("last", "best")
 _trash_counter = itertools.count()
-_discarding = []  # deletion threads still running
+_discarding: list[threading.Thread] = []  # deletion threads still running
 _POOL = re.compile(r"^step_(\d{8})$")
 _WRITTEN = ".written-"
 

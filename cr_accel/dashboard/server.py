@@ -309,7 +309,7 @@ def _query(text):
     return {k: v[-1] for k, v in parse_qs(text, keep_blank_values=True).items()}
 
 
-_page_cache = {}
+_page_cache: dict[str, bytes] = {}
 
 
 def page_html():

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from cr_accel.registry import Registry
 
-DATASETS = Registry("dataset")
+DATASETS: Registry = Registry("dataset")
 
 
 @dataclass
