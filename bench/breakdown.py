@@ -170,7 +170,8 @@ def measure(workload_name, quick=False):
         stamps = [0.0] * 1000
 
         class StepClock(Callback):
-            def on_step_end(self, trainer, step, loss):
+            def on_step_end(self, trainer, state):
+                step = state.step
                 stamps[step] = time.monotonic()
 
         clock.add(StepClock())
@@ -346,7 +347,7 @@ def startup_phases(workload_name):
         def on_train_start(self, trainer):
             marks.setdefault("train_start", time.monotonic())
 
-        def on_step_end(self, trainer, step, loss):
+        def on_step_end(self, trainer, state):
             marks.setdefault("first_step", time.monotonic())
             trainer.should_stop = True  # one step is enough here
 

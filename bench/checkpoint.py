@@ -189,7 +189,8 @@ def save_worker(spec):
     step_ends = []
 
     class Measure(Callback):
-        def on_step_end(self, trainer, step, loss):
+        def on_step_end(self, trainer, state):
+            step = state.step
             step_ends.append(time.perf_counter())
             if step == warm_steps:
                 saves = measure_saves(trainer, timers, spec["reps"], snapshot_bytes)
@@ -473,7 +474,8 @@ def setup_worker(spec):
     saved = {}
 
     class SaveAt(Callback):
-        def on_step_end(self, trainer, step, loss):
+        def on_step_end(self, trainer, state):
+            step = state.step
             if step in save_at:
                 saved[step] = str(trainer.save_checkpoint(["periodic"])[0])
             if step >= max(save_at):
@@ -516,7 +518,8 @@ def resume_worker(spec, t_script=T_SCRIPT):
         def on_train_start(self, trainer):
             marks["train_start"] = time.monotonic()
 
-        def on_step_end(self, trainer, step, loss):
+        def on_step_end(self, trainer, state):
+            step = state.step
             if "first_step" not in marks:
                 marks["first_step"] = time.monotonic()
                 seen.update(step=step, batch_in_epoch=trainer.batch_in_epoch)

@@ -149,7 +149,7 @@ def run_cr_accel(cfg, clock):
     from cr_accel.trainer import Trainer
 
     class StepClock(Callback):
-        def on_step_end(self, trainer, step, loss):
+        def on_step_end(self, trainer, state):
             clock.tick()
 
     trainer = Trainer(cfg, callbacks=[StepClock()])

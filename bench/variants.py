@@ -86,7 +86,8 @@ def run_cr_accel(workload, steps, marks, workdir):
         def on_train_start(self, trainer):
             marks["train_start"] = now()
 
-        def on_step_end(self, trainer, step, loss):
+        def on_step_end(self, trainer, state):
+            step = state.step
             stamps[step - 1] = now()
             cpu_stamps[step - 1] = cpu_now()
 

@@ -15,7 +15,7 @@ EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
 
 # What a run writes into output.dir besides the log and the CSV (whose names are configurable).
-RUN_FILES = ("config.yaml", "environment.json", "checkpoints", "samples", "dashboard_run_id")
+RUN_FILES = ("config.yaml", "environment.json", "checkpoints", "samples", "dashboard_run_id", "trackers")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,7 +86,7 @@ def _earlier_run(cfg, overwrite):
     out = Path(cfg.output.dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output.dir `{out}` is a file, not a folder; choose another output.dir")
-    ours = [out / name for name in (*RUN_FILES, cfg.output.log_file, cfg.output.metrics_file)]
+    ours = [out / name for name in (*RUN_FILES, cfg.output.log_file, cfg.output.metrics_file, cfg.output.steps_file)]
     existing = [p for p in ours if p.exists()]
     if existing and not overwrite:
         raise UserError(

@@ -102,8 +102,11 @@ class CheckpointConfig:
 class OutputConfig:
     dir: str = "runs/default"
     log_file: str = "train.log"  # relative paths are inside `dir`
-    metrics_file: str = "metrics.csv"
+    metrics_file: str = "metrics.csv"  # one row per epoch
+    steps_file: str = "steps.csv"  # one row every training.log_every optimizer steps
     trackers: list = field(default_factory=list)  # accelerate trackers by name, e.g. [tensorboard]
+    samples_every: int = 1  # epochs between pictures of validation samples (samples/epoch_NNNN.png); 0: none
+    histograms_every: int = 10  # epochs between weight and gradient histograms (TensorBoard); 0: none
 
 
 @dataclass
@@ -439,6 +442,10 @@ def check_values(cfg: Config) -> list[tuple[str, str]]:
          f"must be >= 1 or null, got {c.save_every_steps}"),
         ("checkpoint.keep_last_n", c.keep_last_n is None or c.keep_last_n >= 1, f"must be >= 1 or null (keep all), got {c.keep_last_n}"),
         ("output.dir", cfg.output.dir.strip() != "", "must not be empty"),
+        ("output.samples_every", cfg.output.samples_every >= 0, f"must be >= 0 (0: no pictures), got "
+                                                                 f"{cfg.output.samples_every}"),
+        ("output.histograms_every", cfg.output.histograms_every >= 0, f"must be >= 0 (0: no histograms), got "
+                                                                       f"{cfg.output.histograms_every}"),
     ]
     problems = [(key, msg) for key, ok, msg in rules if not ok]
     problems += _check_precision(t)

@@ -31,9 +31,9 @@ def pick_precision(requested):
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def make_accelerator(cfg, log_with=None):
+def make_accelerator(cfg):
     return Accelerator(
-        log_with=log_with,
+        log_with=list(cfg.output.trackers) or None,  # accelerate creates them on the main process only
         project_dir=str(Path(cfg.output.dir) / "trackers"),  # where TensorBoard & co. write
         mixed_precision=pick_precision(cfg.resolved_mixed_precision),
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,

@@ -1,10 +1,30 @@
-"""Built-in losses: thin names over torch.nn losses, so YAML can pick one and pass its options."""
+"""Built-in losses: thin names over torch.nn losses, so YAML can pick one and pass its options, and `weighted`,
+a sum of any registered losses whose terms are logged one by one.
 
+A loss returns the batch mean as a 0-d tensor, or a mapping of named terms with the total under `loss`
+(`{"loss": total, "mse": ..., "l1": ...}`): the total is what is backpropagated, every other entry is logged
+(`loss/<term>` per step, `train_loss/<term>` and `val_loss/<term>` per epoch).
+"""
+
+from collections.abc import Mapping
+
+import torch
 from torch import nn
 
+from .errors import UserError
 from .registry import Registry
 
 LOSSES = Registry("loss")
+
+
+def loss_and_terms(value):
+    """(total, {name: term} or None) of what a loss returned: a tensor, or a mapping holding `loss`."""
+    if not isinstance(value, Mapping):
+        return value, None
+    if "loss" not in value:
+        raise TypeError(f"a loss that returns a mapping must hold its total under `loss`; it returned "
+                        f"{', '.join(map(str, value)) or 'an empty mapping'}")
+    return value["loss"], {k: v for k, v in value.items() if k != "loss"}
 
 
 @LOSSES.register("mse")
@@ -25,3 +45,40 @@ def smooth_l1(beta: float = 1.0):
 @LOSSES.register("cross_entropy")
 def cross_entropy(label_smoothing: float = 0.0):
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+class Weighted(nn.Module):
+    """sum(weight * term(outputs, targets)) over named terms; returns the total and each term's own value."""
+
+    def __init__(self, terms: dict):
+        super().__init__()
+        self.weights = {name: float(weight) for name, weight in terms.items()}
+        self.terms = nn.ModuleDict({name: _term(name) for name in terms})
+
+    def forward(self, outputs, targets):
+        values = {name: loss_and_terms(term(outputs, targets))[0] for name, term in self.terms.items()}
+        total = sum(self.weights[name] * value for name, value in values.items())
+        return {"loss": total, **values}
+
+
+@LOSSES.register("weighted")
+def weighted(terms: dict):
+    """`loss: {name: weighted, terms: {mse: 1.0, l1: 0.5}}`: any registered loss (or `package.module:Name`) by
+    name, each with its weight."""
+    if not isinstance(terms, Mapping) or not terms:
+        raise UserError("`loss.terms` must map loss names to weights, e.g. {mse: 1.0, l1: 0.5}")
+    for name, weight in terms.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise UserError(f"`loss.terms.{name}` must be a number (its weight), got {weight!r}")
+        if name == "weighted":
+            raise UserError("`loss.terms` cannot hold `weighted` itself")
+    return Weighted(dict(terms))
+
+
+def _term(name):
+    try:
+        builder = LOSSES.resolve(name)
+    except LookupError as exc:
+        raise UserError(f"`loss.terms`: {exc}") from None
+    return builder()
+

@@ -31,7 +31,7 @@ from . import components
 from .building import build_part, describe_exception
 from .data import DATASETS
 from .errors import UserError
-from .losses import LOSSES
+from .losses import LOSSES, loss_and_terms
 from .models import MLP, MODELS, ConvAutoencoder
 from .optim import OPTIMIZERS
 from .rng import rng_kept
@@ -350,10 +350,7 @@ def _loss_and_metrics(cfg, loss_fn, metric_fns, outputs, targets):
         keys = "".join(f", `loss.{k}={v}`" for k, v in cfg.loss.kwargs.items())
         raise PreflightError([f"`loss.name={cfg.loss.name}`{keys} failed on the {shapes}: "
                               f"{describe_exception(exc)}"]) from None
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        got = _shape(list(loss.shape)) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise PreflightError([f"`loss.name={cfg.loss.name}` returned {got}; a loss returns the mean over the "
-                              f"batch, one number (e.g. reduction='mean')"])
+    _check_loss_value(cfg, loss)
     for i, (name, fn) in enumerate(metric_fns.items()):
         try:
             value = fn(outputs, targets)
@@ -364,6 +361,21 @@ def _loss_and_metrics(cfg, loss_fn, metric_fns, outputs, targets):
             got = _shape(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
             raise PreflightError([f"metric `{name}` returned {got} for a batch of {len(targets)}; a metric returns "
                                   f"one value per sample (shape [{len(targets)}]), so validation averages exactly"])
+
+
+def _check_loss_value(cfg, value):
+    """One number, or a mapping of named numbers holding the total under `loss` (its terms are logged)."""
+    try:
+        total, terms = loss_and_terms(value)
+    except TypeError as exc:
+        raise PreflightError([f"`loss.name={cfg.loss.name}`: {exc}"]) from None
+    for name, item in {"loss": total, **(terms or {})}.items():
+        if not isinstance(item, torch.Tensor) or item.numel() != 1:
+            got = _shape(list(item.shape)) if isinstance(item, torch.Tensor) else type(item).__name__
+            what = "returned" if terms is None else f"returned `{name}` as"
+            raise PreflightError([f"`loss.name={cfg.loss.name}` {what} {got}; a loss returns the mean over the "
+                                  "batch, one number (e.g. reduction='mean'), or a mapping of such numbers with the "
+                                  "total under `loss`"])
 
 
 # ---------------------------------------------------------------- wording

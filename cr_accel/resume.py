@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoints
     from .config import Config
     from .data import DatasetSplits
-    from .run_log import MetricsCSV, TextLog
+    from .run_log import TextLog
     from .schedule import StepSchedule
     from .state import StateRegistry, TrainState
 
@@ -109,8 +109,8 @@ class ResumeMixin:
     state: TrainState
     schedule: StepSchedule
     data: DatasetSplits
-    log: TextLog
-    csv: MetricsCSV
+    text_log: TextLog
+    resumed_from: Path | None
     model: Any
     optimizer: Any
     epoch: int
@@ -138,11 +138,11 @@ class ResumeMixin:
                 rejected.append((path, exc))
                 continue
             for skipped, why in rejected:  # logged only now: a refused resume leaves the log untouched
-                self.log.info(f"skipping checkpoint {skipped}: {why}")
+                self.text_log.info(f"skipping checkpoint {skipped}: {why}")
             for note in notes:
-                self.log.info(note)
-            self.csv.keep_epochs(self.epoch)  # rows logged after the checkpoint are re-run now
-            self.log.info(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
+                self.text_log.info(note)
+            self.resumed_from = path  # the sinks move aside what was logged after it (train's RunStart)
+            self.text_log.info(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
                           f"step {self.global_step}")
             return
         if rejected:
@@ -151,8 +151,7 @@ class ResumeMixin:
                 "can be used, and starting over would throw their work away:\n  - "
                 + "\n  - ".join(f"{p.name}: {why}" for p, why in rejected)
                 + "\nRepair or remove them, pass one explicitly, or start a new run in another output.dir")
-        self.log.info(f"no complete checkpoint in {self.checkpoints.root} (it holds none at all): starting from scratch")
-        self.csv.keep_epochs(0)
+        self.text_log.info(f"no complete checkpoint in {self.checkpoints.root} (it holds none at all): starting from scratch")
 
     def _load_checkpoint(self, path: Path, allow_config_change: bool = False) -> list[str]:
         """Load one checkpoint on every process, or raise CheckpointError on every process. Returns the
@@ -259,11 +258,11 @@ class ResumeMixin:
         saved["batch_in_epoch"] = saved["batch_in_epoch"] * n // m
         saved["gradient_accumulation_steps"] = self.state.gradient_accumulation_steps = accumulation
         self._size_steps()  # steps per epoch and in total for the new accumulation; the schedule follows them
-        self.log.info(f"elastic resume: the checkpoint was written by {n} process(es), this run has {m}: "
+        self.text_log.info(f"elastic resume: the checkpoint was written by {n} process(es), this run has {m}: "
                       f"gradient_accumulation_steps {before} -> {accumulation} keeps the global batch "
                       f"({n * before} micro-batches per optimizer step); exact up to floating-point reduction order")
         steps_then = self._steps_per_epoch(self.cfg.data.batch_size, n, before)
         if steps_then != self.steps_per_epoch:
-            self.log.info(f"elastic resume: an epoch has {self.steps_per_epoch} optimizer steps now, {steps_then} "
+            self.text_log.info(f"elastic resume: an epoch has {self.steps_per_epoch} optimizer steps now, {steps_then} "
                           f"with {n} process(es) (its last batches split differently)")
         return {**parts, "trainer": saved}

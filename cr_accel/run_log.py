@@ -1,4 +1,4 @@
-"""What a run writes for people: a plain-text log and a CSV of epoch metrics (main process only)."""
+"""What a run writes for people: a plain-text log, and CSV files of its records (main process only)."""
 
 import csv
 import datetime
@@ -34,12 +34,14 @@ class TextLog:
             self._file = None
 
 
-class MetricsCSV:
-    """One row per epoch, one column per metric; a metric that appears later widens the whole file."""
+class RecordsCSV:
+    """One row per record (metrics.csv: per epoch; steps.csv: per logged step), one column per value; a value that
+    appears later widens the whole file. `key` is the column that orders the rows (`epoch` or `step`)."""
 
-    def __init__(self, path, enabled):
+    def __init__(self, path, enabled, key="epoch"):
         self.path = Path(path)
         self.enabled = enabled
+        self.key = key
         self._columns = None  # the header on disk, read once (the file may be a resumed run's)
 
     def append(self, row):
@@ -61,13 +63,13 @@ class MetricsCSV:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self._columns).writerow({k: _cell(v) for k, v in row.items()})
 
-    def keep_epochs(self, epochs_done):
-        """Drop rows of epochs after `epochs_done` (they are about to be re-run after a resume); the dropped
-        rows are appended to `<file>.superseded`, so nothing written is lost."""
+    def keep_through(self, last):
+        """Drop the rows whose key is after `last` (they are about to be logged again after a resume); the
+        dropped rows are appended to `<file>.superseded`, so nothing written is lost."""
         if not self.enabled or not self.path.exists():
             return
         rows, columns = self._read()
-        keep = [r for r in rows if int(r["epoch"]) <= epochs_done]
+        keep = [r for r in rows if int(r[self.key]) <= last]
         if len(keep) == len(rows):
             return
         self._columns = None
@@ -76,7 +78,7 @@ class MetricsCSV:
             writer = csv.DictWriter(f, fieldnames=columns)
             if superseded.stat().st_size == 0:
                 writer.writeheader()
-            writer.writerows(r for r in rows if int(r["epoch"]) > epochs_done)
+            writer.writerows(r for r in rows if int(r[self.key]) > last)
         self._write(keep, columns)
 
     def _read(self):

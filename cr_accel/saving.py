@@ -31,7 +31,7 @@ class SavingMixin:
     registry: StateRegistry
     background_save: BackgroundSave
     callbacks: CallbackList
-    log: TextLog
+    text_log: TextLog
     async_save: bool
     global_step: int
     epoch: int
@@ -66,7 +66,7 @@ class SavingMixin:
             acc.wait_for_everyone()
         paths = [ckpts.root / name for name in ckpts.target_names(self.global_step, targets)]
         how = "started in the background" if self.async_save else "written"
-        self.log.info(f"checkpoint at step {self.global_step} -> {', '.join(p.name for p in paths)} {how} "
+        self.text_log.info(f"checkpoint at step {self.global_step} -> {', '.join(p.name for p in paths)} {how} "
                       f"({time.perf_counter() - started:.2f} s)", console=False)
         self._unannounced += paths
         if not self.async_save:

@@ -19,8 +19,8 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from . import checkpoint, components, preflight
-from .callbacks import Callback, CallbackList, Event
+from . import checkpoint, components, memory, preflight
+from .callbacks import Callback, CallbackList, Event, TrainingState
 from .checkpoint.async_writer import BackgroundSave, why_synchronous
 from .config import Config
 from .environment import UNSHARDED_TYPES, describe_environment, make_accelerator
@@ -28,11 +28,12 @@ from .models import count_parameters
 from .preemption import Preemption
 from .progress import Progress
 from .resume import ResumeMixin
-from .run_log import MetricsCSV, TextLog
+from .losses import loss_and_terms
+from .run_log import TextLog
 from .saving import SavingMixin
+from .sinks import RunStart, Sinks
 from .state import StateRegistry, TrainState
 from .step_stats import EpochStatsState, StepStats
-from .tracking import EpochTrackers
 
 # Where accelerate's wrappers only add Python overhead (about 250 us per step: see the benchmark notes),
 # the step calls torch directly. Anything with a GradScaler, sharding or an engine goes through accelerate.
@@ -64,10 +65,9 @@ class Trainer(SavingMixin, ResumeMixin):
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         set_seed(cfg.seed, deterministic=t.deterministic)  # before anything draws random numbers
-        self.trackers = EpochTrackers.for_config(cfg)  # main process only; None without trackers
-        self.accelerator = acc = make_accelerator(cfg, log_with=self.trackers and self.trackers.log_with)
+        self.accelerator = acc = make_accelerator(cfg)
         self.callbacks = CallbackList()
-        for cb in callbacks:
+        for cb in [*builtin_callbacks(cfg), *callbacks]:
             self.add_callback(cb)
 
         self.data = components.build_datasets(cfg)
@@ -97,8 +97,10 @@ class Trainer(SavingMixin, ResumeMixin):
 
         main = acc.is_main_process
         self.output_dir = Path(cfg.output.dir)
-        self.log = TextLog(self.output_dir / cfg.output.log_file, enabled=main)
-        self.csv = MetricsCSV(self.output_dir / cfg.output.metrics_file, enabled=main)
+        self.text_log = TextLog(self.output_dir / cfg.output.log_file, enabled=main)  # train.log
+        self.sinks = build_sinks(cfg, acc, self.text_log) if main else Sinks()  # where every record goes
+        self._logged: dict[str, Any] = {}  # values from trainer.log(), written with the next record
+        self.last_confusion = None  # the last validation's confusion matrix, on classification picture epochs
         self.progress = Progress(enabled=acc.is_local_main_process)
         self.stats = StepStats(acc, allow_nonfinite=t.skip_nonfinite)
         self.checkpoints = checkpoint.Checkpoints(acc, self.output_dir / "checkpoints", cfg.checkpoint.keep_last_n)
@@ -107,6 +109,7 @@ class Trainer(SavingMixin, ResumeMixin):
         self._unannounced = []  # checkpoints written in the background, not yet announced to callbacks
         self.preemption = Preemption(acc)
         self._resumed_mid_epoch = False
+        self.resumed_from: Path | None = None  # the checkpoint this run continues, once train() has resumed
         self._preflight_done = False
         self.preemption_agreed = False
         self.registry = self._register_state()
@@ -117,8 +120,7 @@ class Trainer(SavingMixin, ResumeMixin):
         registry.register("trainer", self.state)
         registry.register("schedule", self.schedule)
         registry.register("callbacks", self.callbacks)
-        registry.register("epoch_stats", EpochStatsState(self.stats, self.accelerator,
-                                                          mid_epoch=lambda: self.batch_in_epoch > 0))
+        registry.register("epoch_stats", EpochStatsState(self.stats, self.accelerator))
         registry.register("dataset", _Recorded(self.data.metadata))
         return registry
 
@@ -176,14 +178,14 @@ class Trainer(SavingMixin, ResumeMixin):
         env = describe_environment(self.accelerator)
         env["dataset"] = self.data.metadata
         (self.output_dir / "environment.json").write_text(json.dumps(env, indent=2, default=str))
-        self.log.info(f"cr_accel run in {self.output_dir} | {env['world_size']} process(es) on {env['device']} | "
+        self.text_log.info(f"cr_accel run in {self.output_dir} | {env['world_size']} process(es) on {env['device']} | "
                       f"precision {env['mixed_precision']} | torch {env['torch']} accelerate {env['accelerate']}")
-        self.log.info(f"model {self.cfg.model.name}: {count_parameters(self.accelerator.unwrap_model(self.model)):,} "
+        self.text_log.info(f"model {self.cfg.model.name}: {count_parameters(self.accelerator.unwrap_model(self.model)):,} "
                       f"parameters | {len(self.data.train)} train / {len(self.data.val)} val samples | "
                       f"{self.steps_per_epoch} optimizer steps per epoch, {self.total_steps} in total")
-        self.log.info("hyperparameters:\n" + self.config_yaml.rstrip(), console=False)
+        self.text_log.info("hyperparameters:\n" + self.config_yaml.rstrip(), console=False)
         if self.cfg.checkpoint.async_save and not self.async_save:
-            self.log.info(f"checkpoints are saved synchronously: {why_synchronous(self.accelerator)}")
+            self.text_log.info(f"checkpoints are saved synchronously: {why_synchronous(self.accelerator)}")
 
     # ---------------------------------------------------------------- the loop
 
@@ -200,8 +202,9 @@ class Trainer(SavingMixin, ResumeMixin):
         if resume_from_checkpoint is not None:
             self._resume(resume_from_checkpoint, allow_config_change)
         self._write_run_files()
-        if self.trackers:
-            self.trackers.start(self)
+        acc = self.accelerator
+        self.sinks.start(RunStart(config=self.cfg.to_dict(), world_size=acc.num_processes, device=str(acc.device),
+                                  epochs_done=self.epoch, steps_done=self.global_step, resumed=self.resumed_from is not None))
         self.callbacks.fire(Event.ON_TRAIN_START, self)
         self.preemption.install()
         status = "failed"
@@ -232,8 +235,9 @@ class Trainer(SavingMixin, ResumeMixin):
         last_epoch = epoch + 1 == t.epochs or self.global_step >= self.total_steps
         improved = False
         if (epoch + 1) % t.eval_every == 0 or last_epoch:
-            metrics.update(self.validate())
+            metrics.update(self.validate(confusion=self._confusion_due(epoch + 1)))
             improved = self._update_best(metrics)
+            self.progress.show_validation(metrics)
             self.callbacks.fire(Event.ON_VALIDATION_END, self, metrics)
         metrics["step"] = self.global_step
         metrics["best_val"] = self.best_value if self.best_value is not None else math.nan
@@ -241,18 +245,16 @@ class Trainer(SavingMixin, ResumeMixin):
         epoch_time = time.perf_counter() - started
         metrics["samples_per_s"] = metrics.pop("samples") / epoch_time
         metrics["epoch_time"] = epoch_time
-        if self.accelerator.device.type == "cuda":
-            peak = torch.tensor(torch.cuda.max_memory_allocated(self.accelerator.device) / 2**20,
-                                device=self.accelerator.device)
-            metrics["peak_mem_mb"] = float(self.accelerator.gather(peak).max())
         if self.batch_in_epoch >= len(self.train_loader):
             self.epoch, self.batch_in_epoch = epoch + 1, 0
         # else the loop stopped inside the epoch (max_steps, should_stop): the position stays there, so a
         # checkpoint of it resumes with the epoch's remaining batches (and replaces this partial row).
         if self.global_step >= self.total_steps:
             self.should_stop, self.stop_reason = True, self.stop_reason or "finished"
-        self._log_epoch(metrics)
-        self.callbacks.fire(Event.ON_EPOCH_END, self, metrics)
+        metrics.update(self._take_logged())
+        self.sinks.log_epoch(metrics)
+        if self.callbacks.has(Event.ON_EPOCH_END):
+            self.callbacks.fire(Event.ON_EPOCH_END, self, self._epoch_state(metrics))
         self._save_epoch_checkpoints(epoch + 1, improved, finishing=self.should_stop or epoch + 1 == t.epochs)
         return metrics
 
@@ -274,15 +276,16 @@ class Trainer(SavingMixin, ResumeMixin):
             bar.update(self.batch_in_epoch)
         accumulate = self.accumulation > 1 or not self.plain_step
         step_listeners = self.callbacks.has(Event.ON_STEP_END)
+        self._before_step_listeners = self.callbacks.has(Event.ON_BEFORE_OPTIMIZER_STEP)
         save_every_steps = self.cfg.checkpoint.save_every_steps
         self.preemption_agreed = False
         for inputs, targets in loader:
             if accumulate:
                 with acc.accumulate(self.model):
-                    loss = self._forward_backward(inputs, targets)
+                    loss, terms = self._forward_backward(inputs, targets)
                     synced = acc.sync_gradients
             else:
-                loss = self._forward_backward(inputs, targets)
+                loss, terms = self._forward_backward(inputs, targets)
                 synced = True
             self.batch_in_epoch += 1
             self.stats.samples += len(inputs)
@@ -290,11 +293,11 @@ class Trainer(SavingMixin, ResumeMixin):
                 bar.update()
             if not synced:
                 continue
-            self._optimizer_step()
+            norm = self._optimizer_step(loss, terms)
             if step_listeners:
-                self.callbacks.fire(Event.ON_STEP_END, self, self.global_step, loss)
+                self.callbacks.fire(Event.ON_STEP_END, self, self._step_state(loss, terms, norm))
             if self.global_step % t.log_every == 0:
-                self._report_progress(epoch)
+                self._log_step(epoch)
             if save_every_steps and self.global_step % save_every_steps == 0:
                 self.save_checkpoint(["periodic"])
             if self.preemption.agreed():
@@ -305,80 +308,125 @@ class Trainer(SavingMixin, ResumeMixin):
         self.progress.close()
         if self.preemption_agreed:
             return None
-        return self.stats.epoch_totals()
+        return self.stats.epoch_totals(memory=memory.readings(acc.device))
 
-    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = self.loss_fn(self.model(inputs), targets)
-        self.stats.add_loss(loss, self.global_step)
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        loss, terms = loss_and_terms(self.loss_fn(self.model(inputs), targets))
+        self.stats.add_loss(loss, self.global_step, terms)
         if self.plain_step:
             # What accelerator.backward does without a GradScaler, minus its per-call overhead.
             accum = self.accumulation
             (loss / accum if accum > 1 else loss).backward()
         else:
             self.accelerator.backward(loss)
-        return loss
+        return loss, terms
 
-    def _optimizer_step(self) -> None:
-        """Clip (recording the pre-clip norm), step, advance the LR schedule, zero the gradients."""
+    def _optimizer_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Clip (recording the pre-clip norm), step, advance the LR schedule, zero the gradients; returns the
+        pre-clip gradient norm."""
         acc = self.accelerator
         if self.plain_step:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         else:
             norm = acc.clip_grad_norm_(self.params, self.max_grad_norm)  # unscales fp16 gradients first
         self.stats.add_grad_norm(norm)
+        if self._before_step_listeners:
+            self.callbacks.fire(Event.ON_BEFORE_OPTIMIZER_STEP, self, self._step_state(loss, terms, norm))
         if self.cfg.training.skip_nonfinite and not torch.isfinite(norm):  # one sync per step, by request
             self.stats.skipped_steps += 1
             self.step_optimizer.zero_grad(set_to_none=True)
-            return
+            return norm
         self.step_optimizer.step()
         if self.plain_step or not acc.optimizer_step_was_skipped:  # fp16 overflow steps do not count
             self.schedule.step()
             self.global_step += 1
         self.step_optimizer.zero_grad(set_to_none=True)
+        return norm
 
-    def _report_progress(self, epoch: int) -> None:
-        self.stats.flush()
-        self.progress.report(epoch, self.global_step, self.total_steps, self.stats.last_loss,
-                             self.schedule.lr_of_last_step()[0])
+    def _step_state(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None, norm: Any) -> TrainingState:
+        return TrainingState(step=self.global_step, epoch=self.epoch + 1, batch_in_epoch=self.batch_in_epoch,
+                             loss=loss, lr=self.schedule.lr_of_last_step()[0], grad_norm=norm, loss_terms=terms or {})
+
+    def _epoch_state(self, metrics: dict[str, Any]) -> TrainingState:
+        terms = {k[len("train_loss/"):]: v for k, v in metrics.items() if k.startswith("train_loss/")}
+        return TrainingState(step=self.global_step, epoch=metrics["epoch"], batch_in_epoch=self.batch_in_epoch,
+                             loss=metrics["train_loss"], lr=metrics["lr"], grad_norm=metrics["grad_norm"],
+                             loss_terms=terms, metrics=metrics)
+
+    # ---------------------------------------------------------------- records
+
+    def log(self, values: dict[str, Any]) -> None:
+        """Add values to the logs (a callback's own metrics, say): they are written with the next record the
+        trainer writes -- the step record of the next `training.log_every` step, or the epoch record if that
+        comes first (so values given in on_step_end at a logged step, or in on_validation_end, land in that
+        record) -- to train.log's CSVs, the trackers and the dashboard. Numbers or 0-d tensors (read at the
+        record, not now); the main process's values are the ones written."""
+        self._logged.update(values)
+
+    def _take_logged(self) -> dict[str, Any]:
+        logged, self._logged = self._logged, {}
+        return {k: float(v) for k, v in logged.items()}
+
+    def _log_step(self, epoch: int) -> None:
+        """A step record: the means since the last one, over every process (one gather), to every sink."""
+        values = self.stats.step_record()
+        lr = self.schedule.lr_of_last_step()[0]
+        record = {"step": self.global_step, "epoch": epoch + 1, "loss": values.pop("loss"), "lr": lr,
+                  "grad_norm": values.pop("grad_norm"), **values, **self._take_logged()}
+        self.sinks.log_step(record)
+        self.progress.report(epoch, self.global_step, self.total_steps, record["loss"], lr)
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Exact means over the validation set for any number of processes, with one reduction at the end.
+    def validate(self, confusion: bool = False) -> dict[str, float]:
+        """Exact means over the validation set for any number of processes, with one reduction at the end:
+        `val_loss`, `val_loss/<term>` for a loss with named terms, `val_<metric>` per metric. With `confusion`
+        (classification), also the confusion matrix counts, kept in `self.last_confusion`.
 
         Each process sums the values of its own batches (a loss that returns the batch mean counts as mean x
         batch size; metrics return one value per sample). Only the last batch can hold duplicates: accelerate
         pads it with samples from the start to give every process a full batch. Where the set does not split
         evenly (a non-zero `remainder`), that batch alone is gathered (gather_for_metrics keeps exactly the
-        remaining real samples) and counted once, on the main process. Gathering every batch instead made every
-        process wait for the others and recompute the world's loss at each batch: the CPU time each process spent
-        on 4,032 more samples fell only 1.27x from 1 to 2 processes, 1.69x now (bench/ddp_throughput.py --validation).
+        remaining real samples) and counted once, on the main process (every process computes it, with weight
+        0 elsewhere, so all of them reduce the same values). Gathering every batch instead made every process
+        wait for the others and recompute the world's loss at each batch: the CPU time each process spent on
+        4,032 more samples fell only 1.27x from 1 to 2 processes, 1.92x now (bench/ddp_throughput.py
+        --validation).
         """
         self.model.eval()
         acc = self.accelerator
         state = acc.gradient_state
-        # [loss sum, one sum per metric, sample count], in float64, on the device: no sync until the end
-        totals = torch.zeros(2 + len(self.metric_fns), dtype=torch.float64, device=acc.device)
+        sums: dict[str, torch.Tensor] = {}  # float64 sums on the device: no sync until the end
+        counts = None
         count = 0
         for inputs, targets in self.progress.validation(self.val_loader):
             outputs = self.model(inputs)
+            weight = 1
             if acc.num_processes > 1 and state.end_of_dataloader and state.remainder != 0:
                 outputs, targets = acc.gather_for_metrics((outputs, targets))
-                if not acc.is_main_process:
-                    continue  # every process now holds the same batch: count it once
-            n = len(targets)
-            values = [self.loss_fn(outputs, targets).double() * n]
-            values += [fn(outputs, targets).double().sum() for fn in self.metric_fns.values()]
-            totals[:-1] += torch.stack(values)
+                weight = int(acc.is_main_process)  # every process now holds the same batch: count it once
+            n = len(targets) * weight
+            loss, terms = loss_and_terms(self.loss_fn(outputs, targets))
+            values = {"val_loss": loss.double() * n, **{f"val_loss/{k}": v.double() * n for k, v in (terms or {}).items()}}
+            values.update({f"val_{name}": fn(outputs, targets).double().sum() * weight
+                           for name, fn in self.metric_fns.items()})
+            for name, value in values.items():
+                sums[name] = sums[name] + value if name in sums else value
+            if confusion:
+                counts = _add_confusion(counts, outputs, targets, weight)
             count += n
-        totals[-1] = count
+        names = list(sums)
+        totals = torch.stack([*sums.values(), torch.tensor(float(count), dtype=torch.float64, device=acc.device)])
+        if counts is not None:
+            totals = torch.cat([totals, counts.double().flatten()])
         if acc.num_processes > 1:
             totals = acc.reduce(totals, reduction="sum")
-        *sums, count = totals.tolist()
-        means = [v / max(count, 1) for v in sums]
+        values = totals.tolist()
+        count = values[len(names)]
+        self.last_confusion = (torch.tensor(values[len(names) + 1:]).round().long().view(counts.shape)
+                               if counts is not None else None)
         self.model.train()
-        result = {"val_loss": means[0]}
-        result.update({f"val_{name}": v for name, v in zip(self.metric_fns, means[1:])})
-        return result
+        return {name: v / max(count, 1) for name, v in zip(names, values)}
 
     def _update_best(self, metrics: dict[str, Any]) -> bool:
         c, t = self.cfg.checkpoint, self.cfg.training
@@ -397,7 +445,7 @@ class Trainer(SavingMixin, ResumeMixin):
         patience = t.early_stopping_patience
         if patience is not None and self.bad_validations >= patience:
             self.should_stop, self.stop_reason = True, "stopped_early"
-            self.log.info(f"early stopping: {c.monitor} has not improved for {patience} validations "
+            self.text_log.info(f"early stopping: {c.monitor} has not improved for {patience} validations "
                           f"(best {self.best_value:.6g})")
         return False
 
@@ -414,26 +462,16 @@ class Trainer(SavingMixin, ResumeMixin):
             self.save_checkpoint(targets)
 
     def _stop_for_preemption(self) -> None:
-        self.log.info(f"{self.preemption.signal_name or 'signal'} received: saving a checkpoint at step "
+        self.text_log.info(f"{self.preemption.signal_name or 'signal'} received: saving a checkpoint at step "
                       f"{self.global_step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch}) and stopping")
         self.save_checkpoint(["last"])
         self.wait_for_checkpoint()  # exit 75 only once the checkpoint is published
         self.should_stop, self.stop_reason = True, "preempted"
 
-    # ---------------------------------------------------------------- logging
-
-    def _log_epoch(self, metrics: dict[str, Any]) -> None:
-        m = metrics
-        parts = [f"epoch {m['epoch']}/{self.cfg.training.epochs}", f"step {m['step']}",
-                 f"train_loss {m['train_loss']:.6g}"]
-        if "val_loss" in m:
-            parts.append(f"val_loss {m['val_loss']:.6g}")
-        parts += [f"best_val {m['best_val']:.6g}", f"lr {m['lr']:.4g}"]
-        parts += [f"{k} {v:.4g}" for k, v in m.items() if k.startswith("val_") and k != "val_loss"]
-        self.log.info(" | ".join(parts))
-        self.csv.append(metrics)
-        if self.trackers:
-            self.trackers.epoch(self, metrics)
+    def _confusion_due(self, epoch_number: int) -> bool:
+        """A classification run draws its confusion matrix on the epochs that get a picture."""
+        every = self.cfg.output.samples_every
+        return bool(every) and epoch_number % every == 0 and self.data.metadata.get("task") == "classification"
 
     def _finish(self, status: str) -> None:
         self.progress.close()
@@ -443,13 +481,12 @@ class Trainer(SavingMixin, ResumeMixin):
             try:
                 self.background_save.wait()
             except Exception as exc:
-                self.log.info(f"the checkpoint being written in the background failed too: {exc}")
+                self.text_log.info(f"the checkpoint being written in the background failed too: {exc}")
         checkpoint.wait_for_discards()
         self.callbacks.fire(Event.ON_TRAIN_END, self, status)
-        self.log.info(f"training {status} after {self.epoch} epochs, {self.global_step} optimizer steps")
-        if self.trackers:
-            self.trackers.finish(self, status)
-        self.log.close()
+        self.text_log.info(f"training {status} after {self.epoch} epochs, {self.global_step} optimizer steps")
+        self.sinks.finish(status)
+        self.text_log.close()
         if status != "failed":  # after a failure on one process, the others may never arrive
             self.accelerator.wait_for_everyone()
 
@@ -465,3 +502,45 @@ class _Recorded:
 
     def load_state_dict(self, state: Any) -> None:
         pass
+
+
+def _add_confusion(counts: torch.Tensor | None, outputs: torch.Tensor, targets: torch.Tensor,
+                   weight: int) -> torch.Tensor:
+    """counts[true, predicted] of class scores `outputs` (N, K) against labels `targets` (N,), on the device."""
+    k = outputs.shape[1]
+    batch = torch.bincount(targets.long() * k + outputs.argmax(dim=1), minlength=k * k).view(k, k) * weight
+    return batch if counts is None else counts + batch
+
+
+def build_sinks(cfg: Config, accelerator: Any, log: TextLog) -> Sinks:
+    """The main process's sinks: train.log's epoch line, metrics.csv, steps.csv, the trackers named in
+    output.trackers, the dashboard when it is enabled."""
+    from .sinks.files import CSVSink, TextLogSink
+
+    out = Path(cfg.output.dir)
+    sinks = [TextLogSink(log, cfg.training.epochs), CSVSink(out / cfg.output.metrics_file, per="epoch"),
+             CSVSink(out / cfg.output.steps_file, per="step")]
+    if cfg.output.trackers:
+        from .sinks.trackers import TrackersSink
+
+        sinks.append(TrackersSink(accelerator, cfg.output.trackers))
+    if cfg.dashboard.enabled:
+        from .sinks.dashboard import DashboardSink, dashboard_tracker
+
+        sinks.append(DashboardSink(dashboard_tracker(cfg, log), out, log))
+    return Sinks(sinks)
+
+
+def builtin_callbacks(cfg: Config) -> list[Callback]:
+    """The pictures of validation (output.samples_every) and, for TensorBoard, the histograms of weights and
+    gradients (output.histograms_every): callbacks like a user's, so either can be replaced or driven alone."""
+    from .callbacks.histograms import Histograms
+    from .callbacks.pictures import ValidationPictures
+
+    callbacks: list[Callback] = []
+    if cfg.output.samples_every:
+        callbacks.append(ValidationPictures(cfg.output.samples_every))
+    if cfg.output.histograms_every and "tensorboard" in cfg.output.trackers:
+        callbacks.append(Histograms(cfg.output.histograms_every))
+    return callbacks
+

@@ -56,7 +56,8 @@ class Recorder(Callback):
         if self.print_pid:
             say(f"PID {trainer.accelerator.process_index} {os.getpid()}")
 
-    def on_step_end(self, trainer, step, loss):
+    def on_step_end(self, trainer, state):
+        step = state.step
         self.lrs.append(trainer.optimizer.param_groups[0]["lr"])  # the LR of the *next* step
         if step == self.stop_at_step:
             os.kill(os.getpid(), signal.SIGTERM)

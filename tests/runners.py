@@ -257,12 +257,16 @@ def newest_checkpoints(ckpts, exclude=()):
     return {ckpts / "last"} if ckpts / "last" in newest else newest
 
 
+# Columns that measure the machine (time, memory): they differ between any two runs.
+MEASURED = ("samples_per_s", "epoch_time", "cpu_rss_mb", "gpu_mem_allocated_mb", "gpu_mem_reserved_mb", "peak_mem_mb")
+
+
 def metric_rows(run_dir, file="metrics.csv"):
-    """metrics.csv as dicts, without the columns that measure time (they differ between any two runs)."""
+    """metrics.csv as dicts, without the columns that measure the machine."""
     import csv
 
     with open(Path(run_dir) / file, newline="") as f:
-        return [{k: v for k, v in r.items() if k not in ("samples_per_s", "epoch_time")} for r in csv.DictReader(f)]
+        return [{k: v for k, v in r.items() if k not in MEASURED} for r in csv.DictReader(f)]
 
 
 def assert_same_weights(file_a, file_b):

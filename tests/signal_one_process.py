@@ -22,7 +22,8 @@ class SignalOne(Callback):
     def __init__(self, out, rank, at_step):
         self.out, self.rank, self.at_step = Path(out), rank, at_step
 
-    def on_step_end(self, trainer, step, loss):
+    def on_step_end(self, trainer, state):
+        step = state.step
         if step == self.at_step and trainer.accelerator.process_index == self.rank:
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -178,7 +178,8 @@ class CountEpochs(Callback):
     def __init__(self):
         self.seen = 0
 
-    def on_epoch_end(self, trainer, metrics):
+    def on_epoch_end(self, trainer, state):
+        metrics = state.metrics
         self.seen += 1
 
     def state_dict(self):
@@ -223,7 +224,8 @@ class StopAtStep(Callback):
     def __init__(self, step):
         self.step = step
 
-    def on_step_end(self, trainer, step, loss):
+    def on_step_end(self, trainer, state):
+        step = state.step
         if step == self.step:
             trainer.should_stop = True
 

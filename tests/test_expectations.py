@@ -44,7 +44,8 @@ DEFAULT_RESOLVED = {
                  "deterministic": False, "metrics": ["psnr"], "compile": False},
     "checkpoint": {"save_every": 10, "save_every_steps": None, "keep_last_n": 3, "monitor": "val_loss",
                    "mode": "min", "async_save": True},
-    "output": {"dir": "runs/default", "log_file": "train.log", "metrics_file": "metrics.csv", "trackers": []},
+    "output": {"dir": "runs/default", "log_file": "train.log", "metrics_file": "metrics.csv", "steps_file": "steps.csv",
+               "trackers": [], "samples_every": 1, "histograms_every": 10},
     "dashboard": {"enabled": False, "url": "http://127.0.0.1:8765", "token": None},
     "seed": 42,
 }

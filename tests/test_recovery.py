@@ -45,7 +45,8 @@ class CrashAtStep(Callback):
     def __init__(self, step):
         self.step = step
 
-    def on_step_end(self, trainer, step, loss):
+    def on_step_end(self, trainer, state):
+        step = state.step
         if step == self.step:
             raise Crash(f"crash after optimizer step {step}")
 

@@ -2,7 +2,7 @@
 
 import csv
 
-from cr_accel.run_log import MetricsCSV
+from cr_accel.run_log import RecordsCSV
 
 
 def read(path):
@@ -13,10 +13,10 @@ def read(path):
 
 def test_a_metric_that_appears_later_widens_the_file(tmp_path):
     path = tmp_path / "metrics.csv"
-    first = MetricsCSV(path, enabled=True)
+    first = RecordsCSV(path, enabled=True)
     first.append({"epoch": 1, "train_loss": 0.5})
     first.append({"epoch": 2, "train_loss": 0.25})
-    resumed = MetricsCSV(path, enabled=True)  # a resumed run that logs one more metric
+    resumed = RecordsCSV(path, enabled=True)  # a resumed run that logs one more metric
     resumed.append({"epoch": 3, "train_loss": 0.125, "val_psnr": 30.0})
     resumed.append({"epoch": 4, "train_loss": 0.0625, "val_psnr": 31.0})
     columns, rows = read(path)
@@ -27,10 +27,10 @@ def test_a_metric_that_appears_later_widens_the_file(tmp_path):
 
 def test_keep_epochs_moves_later_rows_aside(tmp_path):
     path = tmp_path / "metrics.csv"
-    log = MetricsCSV(path, enabled=True)
+    log = RecordsCSV(path, enabled=True)
     for epoch in (1, 2, 3):
         log.append({"epoch": epoch, "train_loss": 1.0 / epoch})
-    log.keep_epochs(1)
+    log.keep_through(1)
     log.append({"epoch": 2, "train_loss": 0.4})
     assert [r["epoch"] for r in read(path)[1]] == ["1", "2"]
     assert read(path)[1][1]["train_loss"] == "0.4"
@@ -38,5 +38,5 @@ def test_keep_epochs_moves_later_rows_aside(tmp_path):
 
 
 def test_other_processes_write_nothing(tmp_path):
-    MetricsCSV(tmp_path / "metrics.csv", enabled=False).append({"epoch": 1})
+    RecordsCSV(tmp_path / "metrics.csv", enabled=False).append({"epoch": 1})
     assert not (tmp_path / "metrics.csv").exists()

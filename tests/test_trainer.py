@@ -100,7 +100,7 @@ def test_trainer_steps_the_schedule_once_per_optimizer_step(tmp_path):
     lrs = []
 
     class Record(Callback):
-        def on_step_end(self, trainer, step, loss):
+        def on_step_end(self, trainer, state):
             lrs.append(trainer.schedule.lr_of_last_step()[0])
 
     trainer = Trainer(cfg, callbacks=[Record()])
@@ -215,13 +215,15 @@ def test_callbacks_function_and_object_see_every_epoch_in_order(tmp_path):
         def on_train_start(self, trainer):
             events.append("start")
 
-        def on_step_end(self, trainer, step, loss):
+        def on_step_end(self, trainer, state):
+            step = state.step
             events.append(f"step{step}")
 
         def on_validation_end(self, trainer, metrics):
             events.append("val")
 
-        def on_epoch_end(self, trainer, metrics):
+        def on_epoch_end(self, trainer, state):
+            metrics = state.metrics
             events.append(f"epoch{metrics['epoch']}")
 
         def on_train_end(self, trainer, status):

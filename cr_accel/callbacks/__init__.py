@@ -5,40 +5,65 @@ The loop, in the order the events fire:
     on_train_start(trainer)
     for each epoch:
         for each batch:
-            ... forward, backward, optimizer step ...
-            on_step_end(trainer, step, loss)          # after every optimizer step; `loss` stays on the device
+            ... forward, backward (accumulated until an optimizer step) ...
+            on_before_optimizer_step(trainer, state)  # gradients all-reduced and clipped, not applied yet
+            ... optimizer step ...
+            on_step_end(trainer, state)               # after every optimizer step
         validate (every training.eval_every epochs)
-        on_validation_end(trainer, metrics)
-        on_epoch_end(trainer, metrics)                # metrics: reduced over all processes
+        on_validation_end(trainer, metrics)           # the validation metrics, reduced over all processes
+        on_epoch_end(trainer, state)                  # state.metrics: the epoch's record, as logged
         on_checkpoint(trainer, path)                  # after a checkpoint is written
     on_train_end(trainer, status)                     # "finished", "stopped_early", "failed", ...
 
 A plain function `fn(epoch, train_loss, val_loss, model, optimizer, **metrics)` is also accepted and
 called at the end of every epoch. Callbacks run on every process; use `trainer.accelerator.is_main_process`
 for work that should happen once. A callback with `state_dict()/load_state_dict()` has its state saved in
-checkpoints (JSON values, or tensors), under its `state_key` (default: its class name).
+checkpoints (JSON values, or tensors), under its `state_key` (default: its class name). A callback adds its
+own values to the logs with `trainer.log({...})`.
 """
 
 from __future__ import annotations
 
 import enum
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
 
-    from .trainer import Trainer
+    from ..trainer import Trainer
 
 
 class Event(str, enum.Enum):
     ON_TRAIN_START = "on_train_start"
+    ON_BEFORE_OPTIMIZER_STEP = "on_before_optimizer_step"
     ON_STEP_END = "on_step_end"
     ON_VALIDATION_END = "on_validation_end"
     ON_EPOCH_END = "on_epoch_end"
     ON_CHECKPOINT = "on_checkpoint"
     ON_TRAIN_END = "on_train_end"
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Where the run is, as a step or epoch hook sees it.
+
+    At a step end (and before the optimizer step) `loss`, `loss_terms` and `grad_norm` are tensors on the device:
+    reading one (`.item()`, `float()`) makes the host wait for the device, so do it every so many steps, not every
+    step. At an epoch end they are the epoch's means over every process, as floats, and `metrics` holds the
+    epoch's record (the row of metrics.csv).
+    """
+
+    step: int  # optimizer steps done (at a step end: counting this one)
+    epoch: int  # the epoch this belongs to, counted from 1 as in the logs
+    batch_in_epoch: int  # micro-batches of this epoch trained on, per process
+    loss: Any  # the last micro-batch's loss (tensor) at a step; the epoch's mean train_loss at an epoch end
+    lr: float  # the learning rate of the step (of the epoch's last step at an epoch end)
+    grad_norm: Any  # the pre-clip gradient norm (tensor, None with clipping off on some engines); epoch mean
+    loss_terms: dict[str, Any]  # the loss's named terms, if it returns any (see "Loss terms" in the README)
+    metrics: dict[str, Any] | None = None  # the epoch's record at an epoch end; None at a step
 
 
 class Callback:
@@ -47,13 +72,16 @@ class Callback:
     def on_train_start(self, trainer: Trainer) -> None:
         pass
 
-    def on_step_end(self, trainer: Trainer, step: int, loss: torch.Tensor) -> None:
+    def on_before_optimizer_step(self, trainer: Trainer, state: TrainingState) -> None:
+        pass
+
+    def on_step_end(self, trainer: Trainer, state: TrainingState) -> None:
         pass
 
     def on_validation_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         pass
 
-    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: Trainer, state: TrainingState) -> None:
         pass
 
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
@@ -75,7 +103,8 @@ class EpochFunctionCallback(Callback):
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
 
-    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: Trainer, state: TrainingState) -> None:
+        metrics = state.metrics or {}
         rest = {k: v for k, v in metrics.items() if k not in ("epoch", "train_loss", "val_loss")}
         self.fn(metrics["epoch"], metrics.get("train_loss"), metrics.get("val_loss"), trainer.model,
                 trainer.optimizer, **rest)
@@ -101,6 +130,9 @@ class CallbackList:
 
     def add(self, cb: Callback | Callable[..., Any]) -> Callback:
         cb = as_callback(cb)
+        for event in Event:
+            if getattr(type(cb), event.value) is not getattr(Callback, event.value):
+                _check_signature(cb, event)
         self.callbacks.append(cb)
         for event in Event:
             if getattr(type(cb), event.value) is not getattr(Callback, event.value):
@@ -139,6 +171,18 @@ class CallbackList:
     def _legacy_key(self, cb: Callback) -> str:
         """Checkpoints before state keys named callbacks by position: `index:ClassName`."""
         return f"{self.callbacks.index(cb)}:{type(cb).__qualname__}"
+
+
+def _check_signature(cb: Callback, event: Event) -> None:
+    """A hook must take the arguments its event passes: an older `on_step_end(trainer, step, loss)` would
+    otherwise fail at the first optimizer step, mid-run."""
+    expected = inspect.signature(getattr(Callback, event.value))
+    try:
+        inspect.signature(getattr(cb, event.value)).bind(*[None] * (len(expected.parameters) - 1))
+    except TypeError:
+        names = ", ".join(list(expected.parameters)[1:])
+        raise TypeError(f"{type(cb).__qualname__}.{event.value} must take ({names}): see the events in "
+                        "cr_accel.callbacks (on_step_end and on_epoch_end receive a TrainingState)") from None
 
 
 def hook_names() -> set[str]:
