@@ -226,7 +226,7 @@ def _config_check(args):
     import dataclasses
 
     from . import preflight
-    from .config import load_config
+    from .config import load_config, metric_names
     from .models import count_parameters
     from .trainer import Trainer
 
@@ -243,5 +243,5 @@ def _config_check(args):
     print(f"config OK: {args.config}: model {cfg.model.name} "
           f"({count_parameters(trainer.accelerator.unwrap_model(trainer.model)):,} parameters), "
           f"data {cfg.data.name} ({len(data.train)} train / {len(data.val)} val{shapes}), loss {cfg.loss.name}, "
-          f"metrics [{', '.join(map(str, cfg.training.metrics))}]; {ran}")
+          f"metrics [{', '.join(metric_names(cfg.training.metrics))}]; {ran}")
     return 0

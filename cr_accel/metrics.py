@@ -1,4 +1,8 @@
-"""Validation metrics: each returns one value per sample, so the trainer can average them exactly."""
+"""Validation metrics: each returns one value per sample, so the trainer can average them exactly.
+
+A metric that takes a `data_range` argument gets the targets' range from the dataset's metadata unless its
+entry in `training.metrics` gives one (`components.build_metrics`).
+"""
 
 import torch
 

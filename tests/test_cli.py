@@ -22,7 +22,8 @@ def _commands(out):
         "config_nothing": ["config"],
         "show": ["config", "show", "--config", DEFAULT, "training.epochs=7", "~model.depth", f"output.dir={out}"],
         "show_bad": ["config", "show", "--config", DEFAULT, "training.epochs=ten"],
-        "check": ["config", "check", "--config", DEFAULT, f"output.dir={out}"],
+        "check": ["config", "check", "--config", DEFAULT, "training.metrics=[psnr, {name: ssim, window: 7}]",
+                  f"output.dir={out}"],
         "check_bad": ["config", "check", "--config", DEFAULT, "model.depth=6", f"output.dir={out}"],
     }
 
@@ -97,6 +98,7 @@ def test_config_check_ok_writes_nothing(runs):
     assert rc == 0, stderr
     assert stdout.count("\n") == 1 and stdout.startswith(f"config OK: {DEFAULT}: model conv_autoencoder"), stdout
     assert "one batch of each split ran through model, loss and metrics" in stdout
+    assert "metrics [psnr, ssim];" in stdout, stdout  # an entry with options is named by its metric
     assert not runs["out"].exists()
 
 
