@@ -90,6 +90,15 @@ def test_bf16_inputs_are_computed_in_float32():
     assert low.double().tolist() == pytest.approx(exact, abs=1e-5)
 
 
+def test_float32_inside_a_bf16_autocast_region():
+    """A loss computed under autocast (`accelerator.autocast()`, a user's loop): conv2d would run in bf16."""
+    outputs, targets = _pair()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = ssim(outputs, targets)
+    assert values.dtype == torch.float32
+    assert values.double().tolist() == pytest.approx(_reference(outputs, targets, 1.0), abs=1e-5)
+
+
 def test_metric_and_loss_are_registered_with_their_options():
     outputs, targets = _pair()
     metric = METRICS.resolve("ssim")
