@@ -143,8 +143,15 @@ def main_dashboard(argv):
     return dashboard_main(argv)
 
 
+def main_plot(argv):
+    """`cr-accel plot RUN_DIR [RUN_DIR ...] [--out curves.png]`: the curves of runs, in one PNG."""
+    from .plot import main as plot_main
+
+    return plot_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`cr-accel <command>`: train, config, dashboard; `cr-accel --help` lists them."""
+    """`cr-accel <command>`: train, config, dashboard, plot; `cr-accel --help` lists them."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "train": ("train from a YAML config, overriding any key as section.key=value",
@@ -152,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": ("show the resolved config as YAML, or check it (parts built, one batch run) writing nothing",
                    main_config),
         "dashboard": ("serve the live dashboard that runs with dashboard.enabled=true report to", main_dashboard),
+        "plot": ("draw runs' loss, learning rate and validation metrics against the step into one PNG", main_plot),
     }
     return _dispatch("cr-accel", commands, argv, version=True)
 
@@ -226,7 +234,7 @@ def _config_check(args):
     import dataclasses
 
     from . import preflight
-    from .config import load_config
+    from .config import load_config, metric_names
     from .models import count_parameters
     from .trainer import Trainer
 
@@ -243,5 +251,5 @@ def _config_check(args):
     print(f"config OK: {args.config}: model {cfg.model.name} "
           f"({count_parameters(trainer.accelerator.unwrap_model(trainer.model)):,} parameters), "
           f"data {cfg.data.name} ({len(data.train)} train / {len(data.val)} val{shapes}), loss {cfg.loss.name}, "
-          f"metrics [{', '.join(map(str, cfg.training.metrics))}]; {ran}")
+          f"metrics [{', '.join(metric_names(cfg.training.metrics))}]; {ran}")
     return 0

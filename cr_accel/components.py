@@ -1,10 +1,14 @@
-"""Resolve and build the swappable parts named in a config: model, loss, data, optimizer, schedule.
+"""Resolve and build the swappable parts named in a config: model, loss, data, optimizer, schedule, metrics.
 
 `check_components` finds every problem (unknown names, kwargs the builder does not take, missing
 paths) without building anything, so a bad config fails before any output is created.
 """
 
+import functools
+import inspect
+import math
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from . import optim, schedule
 from .building import build_part
@@ -48,12 +52,45 @@ def check_components(cfg):
         problems += [(f"{section}.{key}", _with_synonym(key, msg))
                      for key, msg in check_kwargs(builder, section_cfg.kwargs, injected)]
     problems += _check_paths(cfg.data.kwargs)
-    for i, name in enumerate(cfg.training.metrics):
-        try:
-            METRICS.resolve(str(name))
-        except LookupError as exc:
-            problems.append((f"training.metrics[{i}]", str(exc)))
+    problems += _check_metrics(cfg.training.metrics)
     return problems
+
+
+def _check_metrics(entries):
+    """Every `training.metrics` entry names a metric, and its options are parameters of that metric (the outputs
+    and targets are passed by the trainer). Malformed entries were reported by `config.check_values`."""
+    from .config import metric_entry
+
+    problems = []
+    for i, entry in enumerate(entries):
+        name, options = metric_entry(entry)
+        if not isinstance(name, str):
+            continue
+        key = f"training.metrics[{i}]"
+        try:
+            metric = METRICS.resolve(name)
+        except LookupError as exc:
+            problems.append((f"{key}.name" if isinstance(entry, dict) else key, str(exc)))
+            continue
+        problems += [(f"{key}.{option}", msg) for option, msg in check_kwargs(metric, options, _inputs_of(metric))]
+        data_range = options.get("data_range")
+        if data_range is not None and not _positive_number(data_range):
+            problems.append((f"{key}.data_range",
+                             f"must be a number > 0 (the targets' max - min), got `{data_range!r}`"))
+    return problems
+
+
+def _inputs_of(metric):
+    """The names of a metric's first two parameters, which take the outputs and the targets."""
+    try:
+        params = list(inspect.signature(metric).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    return tuple(p.name for p in params[:2] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _positive_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _check_paths(data_kwargs):
@@ -126,6 +163,35 @@ def build_schedule(cfg, optimizer, num_training_steps):
         optimizer, make_factor, num_training_steps, schedule.warmup_steps_for(s, num_training_steps)))
 
 
-def build_metrics(cfg):
-    return {name: METRICS.resolve(name) for name in cfg.training.metrics}
+def build_metrics(cfg: Any, metadata: Mapping[str, Any] | None) -> dict[str, Callable[[Any, Any], Any]]:
+    """{name: fn(outputs, targets) -> one value per sample} for `training.metrics`, options bound. A metric that
+    takes `data_range` (psnr, ssim, or a user's) gets the targets' range from the dataset's `metadata` unless
+    its entry gives one; see `data_range_of`."""
+    from .config import metric_entry
+
+    data_range = data_range_of(metadata)
+    metrics = {}
+    for entry in cfg.training.metrics:
+        name, options = metric_entry(entry)
+        metric = METRICS.resolve(name)
+        if "data_range" not in options and accepts(metric, "data_range"):
+            options["data_range"] = data_range
+        metrics[name] = functools.partial(metric, **options) if options else metric
+    return metrics
+
+
+def data_range_of(metadata: Mapping[str, Any] | None) -> float:
+    """The targets' max - min from the dataset metadata's `data_range` (`[low, high]`: synthetic_cr's [0, 1],
+    tensor_files' observed range of the training targets), else 1.0: a user's dataset without metadata, class
+    labels, or a range that is empty or not finite."""
+    bounds = (metadata or {}).get("data_range")
+    if isinstance(bounds, (list, tuple)) and len(bounds) == 2 and all(_number(b) for b in bounds):
+        span = float(bounds[1]) - float(bounds[0])
+        if _positive_number(span):
+            return span
+    return 1.0
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 

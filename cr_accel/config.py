@@ -80,7 +80,8 @@ class TrainingConfig:
     early_stopping_min_delta: float = 0.0
     skip_nonfinite: bool = False  # skip optimizer steps with a non-finite gradient norm instead of stopping
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
-    metrics: list = field(default_factory=list)  # extra validation metrics by name, e.g. [psnr]
+    # extra validation metrics: names, or mappings of a name and options, e.g. [psnr, {name: ssim, window: 7}]
+    metrics: list = field(default_factory=list)
     # torch.compile the model in place (its parameter names stay plain, so checkpoints resume either way);
     # true = the default mode, or a mode by name.
     compile: typing.Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = False
@@ -457,11 +458,44 @@ def check_values(cfg: Config) -> list[tuple[str, str]]:
             problems.append(("dashboard.url", url_problem.replace("dashboard url ", "")))
     problems += _check_trackers(cfg.output.trackers)
     problems += _check_monitor(c.monitor, t.metrics)
-    for i, name in enumerate(t.metrics):
-        if not isinstance(name, str):
-            problems.append((f"training.metrics[{i}]", f"must be a metric name, got `{name!r}`"))
-        elif name in t.metrics[:i]:
-            problems.append((f"training.metrics[{i}]", f"`{name}` is listed twice; list each metric once"))
+    problems += _check_metric_entries(t.metrics)
+    return problems
+
+
+def metric_entry(entry: Any) -> tuple[Any, dict[str, Any]]:
+    """(name, options) of one `training.metrics` entry: `psnr`, or a mapping `{name: ssim, window: 7}` whose other
+    keys are the metric's options. The name is returned as given (possibly not a string: see
+    `_check_metric_entries`); a run logs the metric as `val_<name>`."""
+    if isinstance(entry, dict):
+        return entry.get("name"), {k: v for k, v in entry.items() if k != "name"}
+    return entry, {}
+
+
+def metric_names(metrics: Sequence[Any]) -> list[str]:
+    """The names of the well-formed entries of `training.metrics`, in order."""
+    return [name for name, _ in map(metric_entry, metrics) if isinstance(name, str)]
+
+
+def _check_metric_entries(metrics):
+    """Each entry a name or a mapping with a `name`; no name twice, however it is written, since both would be
+    logged as the same `val_<name>`. Names and options are checked against the registry and the metric's
+    signature in components.py."""
+    problems, seen = [], set()
+    for i, entry in enumerate(metrics):
+        key = f"training.metrics[{i}]"
+        name, _ = metric_entry(entry)
+        if isinstance(entry, dict) and name is None:
+            problems.append((f"{key}.name", "is missing: an entry with options names its metric, "
+                             "e.g. `{name: ssim, window: 7}`"))
+        elif isinstance(entry, dict) and not isinstance(name, str):
+            problems.append((f"{key}.name", f"must be a metric name, got `{name!r}`"))
+        elif not isinstance(name, str):
+            problems.append((key, f"must be a metric name or a mapping like `{{name: ssim, window: 7}}`, "
+                             f"got `{entry!r}`"))
+        elif name in seen:
+            problems.append((key, f"`{name}` is listed twice; list each metric once"))
+        else:
+            seen.add(name)
     return problems
 
 
@@ -473,12 +507,13 @@ MONITORABLE = ("val_loss", "train_loss", "grad_norm")
 def _check_monitor(monitor, metrics):
     """`checkpoint.monitor` must be a value the run produces, or `best/` is never written and early
     stopping never fires."""
-    produced = [*MONITORABLE, *(f"val_{m}" for m in metrics if isinstance(m, str))]
+    names = metric_names(metrics)
+    produced = [*MONITORABLE, *(f"val_{m}" for m in names)]
     if monitor in produced:
         return []
     from .metrics import METRICS
 
-    addable = {f"val_{m}": m for m in METRICS.names() if m not in metrics}
+    addable = {f"val_{m}": m for m in METRICS.names() if m not in names}
     close = difflib.get_close_matches(monitor, [*produced, *addable], n=1, cutoff=0.6)
     hint = ""
     if close and close[0] in addable:

@@ -1,5 +1,5 @@
-"""Built-in losses: thin names over torch.nn losses, so YAML can pick one and pass its options, and `weighted`,
-a sum of any registered losses whose terms are logged one by one.
+"""Built-in losses: thin names over torch.nn losses (and SSIM), so YAML can pick one and pass its options, and
+`weighted`, a sum of any registered losses whose terms are logged one by one.
 
 A loss returns the batch mean as a 0-d tensor, or a mapping of named terms with the total under `loss`
 (`{"loss": total, "mse": ..., "l1": ...}`): the total is what is backpropagated, every other entry is logged
@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from . import ssim as ssim_math
 from .errors import UserError
 from .registry import Registry
 
@@ -82,3 +83,22 @@ def _term(name):
         raise UserError(f"`loss.terms`: {exc}") from None
     return builder()
 
+
+class SSIMLoss(nn.Module):
+    """1 - the batch's mean SSIM (cr_accel/ssim.py): 0 for a perfect reconstruction; usable alone or as a term
+    of a weighted loss. The options are checked when it is built, so a bad value is reported as the loss's."""
+
+    def __init__(self, window: int = ssim_math.WINDOW, sigma: float = ssim_math.SIGMA, data_range: float = 1.0):
+        super().__init__()
+        ssim_math.check_options(window, sigma, data_range)
+        self.window, self.sigma, self.data_range = window, sigma, data_range
+
+    def forward(self, outputs, targets):
+        return 1 - ssim_math.ssim(outputs, targets, self.data_range, self.window, self.sigma).mean()
+
+
+@LOSSES.register("ssim")
+def ssim(window: int = ssim_math.WINDOW, sigma: float = ssim_math.SIGMA, data_range: float = 1.0):
+    """`data_range` is the targets' max - min (1.0 for images in [0, 1]); unlike the `ssim` metric, the loss
+    does not read it from the dataset: give it for data in another range."""
+    return SSIMLoss(window=window, sigma=sigma, data_range=data_range)

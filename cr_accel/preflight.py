@@ -29,12 +29,14 @@ from torch.utils.data import default_collate
 
 from . import components
 from .building import build_part, describe_exception
+from .config import metric_entry
 from .data import DATASETS
 from .errors import UserError
 from .losses import LOSSES, loss_and_terms
 from .models import MLP, MODELS, ConvAutoencoder
 from .optim import OPTIMIZERS
 from .rng import rng_kept
+from .ssim import WINDOW
 
 SWITCH = "CR_ACCEL_PREFLIGHT"
 BATCH_SIZE = 2  # samples per split: enough for shapes and dtypes (two, so a squeezed batch dimension shows)
@@ -222,26 +224,56 @@ def _check_loss(cfg, facts):
     if facts.labels and name in VALUE_LOSSES:
         return [f"`loss.name={name}` compares values, but the targets are {facts.targets_text}: "
                 f"set `loss.name=cross_entropy`"]
+    if name == "ssim" and not facts.images:
+        fix = "cross_entropy" if facts.labels else "mse"
+        return [f"`loss.name=ssim` compares images, but the targets are {facts.targets_text}: set `loss.name={fix}`"]
     if not facts.labels and name == "cross_entropy" and not facts.probabilities:
         return [f"`loss.name=cross_entropy` needs class labels (integer targets), but the targets are "
                 f"{facts.targets_text}: set `loss.name=mse` (or `l1`, `smooth_l1`)"]
     return []
 
 
+IMAGE_METRICS = ("psnr", "ssim")  # built-in metrics that compare images
+
+
 def _check_metrics(cfg, facts):
-    names = [str(n) for n in cfg.training.metrics]
-    wrong = {"psnr": not facts.images, "accuracy": not facts.labels}
-    bad = [n for n in names if wrong.get(n)]
+    entries = [(metric_entry(entry)[0], entry) for entry in cfg.training.metrics]
+    wrong = {"accuracy": not facts.labels, **{name: not facts.images for name in IMAGE_METRICS}}
+    bad = [n for n, _ in entries if wrong.get(n)]
     if not bad:
-        return []
-    fixed = [n for n in names if n not in bad]
-    if facts.labels and "accuracy" not in fixed:
+        return _check_ssim_windows(entries, facts)
+    kept = [(n, entry) for n, entry in entries if n not in bad]
+    fixed = [_flow(entry) for _, entry in kept]
+    if facts.labels and "accuracy" not in [n for n, _ in kept]:
         fixed.append("accuracy")
-    if facts.images and "psnr" not in fixed:
+    if facts.images and not any(n in IMAGE_METRICS for n, _ in kept):
         fixed.append("psnr")
-    needs = {"psnr": "compares images", "accuracy": "needs class-label targets"}
+    needs = {"psnr": "compares images", "ssim": "compares images", "accuracy": "needs class-label targets"}
     return [f"`training.metrics` has `{n}`, which {needs[n]}, but the targets are {facts.targets_text}: "
             f"set `training.metrics=[{','.join(fixed)}]`" for n in bad]
+
+
+def _check_ssim_windows(entries, facts):
+    """SSIM's window must fit inside the images (its map has side - window + 1 pixels)."""
+    problems = []
+    for i, (name, entry) in enumerate(entries):
+        if name != "ssim":
+            continue
+        window = entry.get("window", WINDOW) if isinstance(entry, dict) else WINDOW
+        side = min(facts.target_shape[-2:])  # ssim passed the task check: the targets are images
+        if isinstance(window, int) and window > side:
+            fit = side if side % 2 else side - 1
+            problems.append(f"`training.metrics[{i}]` is ssim with a window of {window} pixels, but the targets are "
+                            f"{_shape(facts.target_shape)} images: set `training.metrics[{i}]` to "
+                            f"`{{name: ssim, window: {fit}}}` (an odd window up to {side})")
+    return problems
+
+
+def _flow(entry):
+    """An entry of `training.metrics` as it is written in an override: `psnr`, `{name: ssim, window: 7}`."""
+    if isinstance(entry, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in entry.items()) + "}"
+    return str(entry)
 
 
 def _check_model(cfg, facts):
@@ -334,7 +366,7 @@ def _check_outputs(cfg, facts, outputs, targets):
             return [f"the model (`model.name={cfg.model.name}`) outputs {outputs.shape[1]} class score(s) per "
                     f"sample but the targets hold class labels up to {need - 1} ({need} classes): "
                     f"make it output {need}"]
-    elif cfg.loss.name in VALUE_LOSSES and outputs.shape != targets.shape:
+    elif cfg.loss.name in (*VALUE_LOSSES, "ssim") and outputs.shape != targets.shape:
         return [f"the model (`model.name={cfg.model.name}`) produced {produced} for a batch of targets "
                 f"{_shape(list(targets.shape))} {_dtype(targets)}; `loss.name={cfg.loss.name}` needs the same "
                 f"shape (it would broadcast the two or fail). The data: {facts.describe()}"]

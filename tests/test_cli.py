@@ -1,5 +1,5 @@
 """The `cr-accel` console script: --help and --version, unknown commands, `config show` and `config check`
-(which writes nothing), run as a user would run them."""
+(which writes nothing), run as a user would run them. (`cr-accel plot` has its own tests/test_plot.py.)"""
 
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +22,8 @@ def _commands(out):
         "config_nothing": ["config"],
         "show": ["config", "show", "--config", DEFAULT, "training.epochs=7", "~model.depth", f"output.dir={out}"],
         "show_bad": ["config", "show", "--config", DEFAULT, "training.epochs=ten"],
-        "check": ["config", "check", "--config", DEFAULT, f"output.dir={out}"],
+        "check": ["config", "check", "--config", DEFAULT, "training.metrics=[psnr, {name: ssim, window: 7}]",
+                  f"output.dir={out}"],
         "check_bad": ["config", "check", "--config", DEFAULT, "model.depth=6", f"output.dir={out}"],
     }
 
@@ -42,7 +43,7 @@ def test_help_lists_every_command_with_one_line(runs):
     rc, stdout, stderr = runs["help"]
     assert rc == 0, stderr
     lines = {m.group(1): m.group(2) for m in re.finditer(r"^  (\w+) +(\S.*)$", stdout, re.M)}
-    assert set(lines) == {"train", "config", "dashboard"}, stdout
+    assert set(lines) == {"train", "config", "dashboard", "plot"}, stdout
     assert "--version" in stdout
 
 
@@ -57,7 +58,7 @@ def test_unknown_or_missing_command_exits_2_with_the_list(runs, name, message):
     rc, stdout, stderr = runs[name]
     assert rc == 2
     assert re.search(message, stderr), stderr
-    assert all(f"  {c} " in stderr for c in ("train", "config", "dashboard")), stderr
+    assert all(f"  {c} " in stderr for c in ("train", "config", "dashboard", "plot")), stderr
 
 
 def test_config_without_action_lists_show_and_check(runs):
@@ -97,6 +98,7 @@ def test_config_check_ok_writes_nothing(runs):
     assert rc == 0, stderr
     assert stdout.count("\n") == 1 and stdout.startswith(f"config OK: {DEFAULT}: model conv_autoencoder"), stdout
     assert "one batch of each split ran through model, loss and metrics" in stdout
+    assert "metrics [psnr, ssim];" in stdout, stdout  # an entry with options is named by its metric
     assert not runs["out"].exists()
 
 

@@ -134,6 +134,15 @@ BAD = [
                               r"configs/default\.yaml"], text="# nothing here yet\n"),
     Bad("metric_listed_twice", [r"`training\.metrics\[1\]`: `psnr` is listed twice; list each metric once"],
         overrides=["training.metrics=[psnr, psnr]"]),
+    Bad("metric_listed_twice_via_a_mapping",
+        [r"`training\.metrics\[1\]`: `psnr` is listed twice; list each metric once"],
+        patch={"training": {"metrics": ["psnr", {"name": "psnr", "data_range": 2.0}]}}),
+    Bad("metric_unknown_option", [r"`training\.metrics\[0\]\.gain`: is not a parameter of `psnr` "
+                                  r"\(accepted: data_range\)"],
+        overrides=["training.metrics=[{name: psnr, gain: 2}]"]),
+    Bad("metric_option_misspelt", [r"`training\.metrics\[1\]\.windw`: is not a parameter of `ssim`; did you mean "
+                                   r"`window`\? \(accepted: data_range, window, sigma\)"],
+        overrides=["training.metrics=[psnr, {name: ssim, windw: 7}]"]),
     Bad("overwrite_and_resume_together", [r"--overwrite replaces an earlier run and --resume_from_checkpoint "
                                           r"continues one; pass one of them"],
         overrides=["--overwrite", "--resume_from_checkpoint", "latest"]),

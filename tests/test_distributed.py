@@ -35,9 +35,10 @@ def evaluate_single_process(config_path, overrides, weights):
     model = components.build_model(cfg)
     model.load_state_dict(load_file(weights))
     model.eval()
-    val = components.build_datasets(cfg).val
+    data = components.build_datasets(cfg)
+    val = data.val
     loss_fn = components.build_loss(cfg)
-    psnr = components.build_metrics(cfg)["psnr"]
+    psnr = components.build_metrics(cfg, data.metadata)["psnr"]
     loss_sum = psnr_sum = 0.0
     with torch.no_grad():
         for i in range(0, len(val), 5):

@@ -11,7 +11,8 @@ Two rules hold for every builder here:
 
 Metadata keys shared by all builders: `dataset`, `task`, `input_shape`, `target_shape` (per sample),
 `input_dtype`, `target_dtype`, `num_train`, `num_val`, `data_range` (`[low, high]` of the targets, or
-None), `normalization` (per-channel input statistics, or None) and `source`.
+None; `psnr` and `ssim` measure against high - low, see `components.data_range_of`), `normalization`
+(per-channel input statistics, or None) and `source`.
 """
 
 import hashlib

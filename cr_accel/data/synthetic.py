@@ -67,6 +67,8 @@ def synthetic_cr(
         "target_dtype": "float32",
         "num_train": num_train,
         "num_val": num_val,
+        # The targets' range by construction (background in [0, 0.1), shapes of intensity up to 1, combined by
+        # max), not the range observed in this draw: psnr and ssim measure against it.
         "data_range": [0.0, 1.0],
         "normalization": None,
         "source": {"generator": "synthetic_cr", "seed": seed, "max_shapes": max_shapes},
