@@ -17,7 +17,7 @@ from .errors import UserError
 from .losses import LOSSES
 from .metrics import METRICS
 from .models import MODELS
-from .registry import accepts, check_kwargs
+from .registry import accepts, check_kwargs, names
 
 # section -> (registry, arguments the trainer passes itself)
 PARTS = {
@@ -124,8 +124,14 @@ def build_model_skeleton(cfg):
             return build_model(cfg)
 
 
-def build_loss(cfg):
-    return LOSSES.resolve(cfg.loss.name)(**cfg.loss.kwargs)
+def build_loss(cfg, metadata=None):
+    """The loss of `cfg`; one that takes `data_range` (ssim, weighted with an ssim term, a user's) gets the
+    targets' range from the dataset's `metadata` unless the config gives one."""
+    builder = LOSSES.resolve(cfg.loss.name)
+    kwargs = dict(cfg.loss.kwargs)
+    if metadata is not None and "data_range" not in kwargs and names(builder, "data_range"):
+        kwargs["data_range"] = data_range_of(metadata)
+    return builder(**kwargs)
 
 
 def build_datasets(cfg):
@@ -174,22 +180,27 @@ def build_metrics(cfg: Any, metadata: Mapping[str, Any] | None) -> dict[str, Cal
     for entry in cfg.training.metrics:
         name, options = metric_entry(entry)
         metric = METRICS.resolve(name)
-        if "data_range" not in options and accepts(metric, "data_range"):
+        if "data_range" not in options and names(metric, "data_range"):
             options["data_range"] = data_range
         metrics[name] = functools.partial(metric, **options) if options else metric
     return metrics
 
 
-def data_range_of(metadata: Mapping[str, Any] | None) -> float:
-    """The targets' max - min from the dataset metadata's `data_range` (`[low, high]`: synthetic_cr's [0, 1],
-    tensor_files' observed range of the training targets), else 1.0: a user's dataset without metadata, class
+def data_bounds(metadata: Mapping[str, Any] | None) -> tuple[float, float]:
+    """(low, high) of the targets from the dataset metadata's `data_range` (`[low, high]`: synthetic_cr's [0, 1],
+    tensor_files' observed range of the training targets), else (0, 1): a user's dataset without metadata, class
     labels, or a range that is empty or not finite."""
     bounds = (metadata or {}).get("data_range")
     if isinstance(bounds, (list, tuple)) and len(bounds) == 2 and all(_number(b) for b in bounds):
-        span = float(bounds[1]) - float(bounds[0])
-        if _positive_number(span):
-            return span
-    return 1.0
+        if _positive_number(float(bounds[1]) - float(bounds[0])):
+            return float(bounds[0]), float(bounds[1])
+    return 0.0, 1.0
+
+
+def data_range_of(metadata: Mapping[str, Any] | None) -> float:
+    """The targets' max - min (see `data_bounds`): what psnr, ssim and the ssim loss measure against."""
+    low, high = data_bounds(metadata)
+    return high - low
 
 
 def _number(value):

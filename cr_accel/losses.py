@@ -51,10 +51,10 @@ def cross_entropy(label_smoothing: float = 0.0):
 class Weighted(nn.Module):
     """sum(weight * term(outputs, targets)) over named terms; returns the total and each term's own value."""
 
-    def __init__(self, terms: dict):
+    def __init__(self, terms: dict, data_range: float | None = None):
         super().__init__()
         self.weights = {name: float(weight) for name, weight in terms.items()}
-        self.terms = nn.ModuleDict({name: _term(name) for name in terms})
+        self.terms = nn.ModuleDict({name: _term(name, data_range) for name in terms})
 
     def forward(self, outputs, targets):
         values = {name: loss_and_terms(term(outputs, targets))[0] for name, term in self.terms.items()}
@@ -63,9 +63,10 @@ class Weighted(nn.Module):
 
 
 @LOSSES.register("weighted")
-def weighted(terms: dict):
+def weighted(terms: dict, data_range: float | None = None):
     """`loss: {name: weighted, terms: {mse: 1.0, l1: 0.5}}`: any registered loss (or `package.module:Name`) by
-    name, each with its weight."""
+    name, each with its weight; `data_range` goes to the terms that take one (ssim), from the dataset's
+    metadata unless given."""
     if not isinstance(terms, Mapping) or not terms:
         raise UserError("`loss.terms` must map loss names to weights, e.g. {mse: 1.0, l1: 0.5}")
     for name, weight in terms.items():
@@ -73,15 +74,17 @@ def weighted(terms: dict):
             raise UserError(f"`loss.terms.{name}` must be a number (its weight), got {weight!r}")
         if name == "weighted":
             raise UserError("`loss.terms` cannot hold `weighted` itself")
-    return Weighted(dict(terms))
+    return Weighted(dict(terms), data_range)
 
 
-def _term(name):
+def _term(name, data_range):
+    from .registry import names
+
     try:
         builder = LOSSES.resolve(name)
     except LookupError as exc:
         raise UserError(f"`loss.terms`: {exc}") from None
-    return builder()
+    return builder(data_range=data_range) if data_range is not None and names(builder, "data_range") else builder()
 
 
 class SSIMLoss(nn.Module):
@@ -99,6 +102,6 @@ class SSIMLoss(nn.Module):
 
 @LOSSES.register("ssim")
 def ssim(window: int = ssim_math.WINDOW, sigma: float = ssim_math.SIGMA, data_range: float = 1.0):
-    """`data_range` is the targets' max - min (1.0 for images in [0, 1]); unlike the `ssim` metric, the loss
-    does not read it from the dataset: give it for data in another range."""
+    """`data_range` is the targets' max - min; the trainer passes the dataset metadata's (as for the `ssim`
+    metric) unless the config gives one, and 1.0 where the metadata says nothing."""
     return SSIMLoss(window=window, sigma=sigma, data_range=data_range)

@@ -104,5 +104,14 @@ def accepts(builder: Callable[..., Any], name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def names(builder: Callable[..., Any], name: str) -> bool:
+    """Whether `builder` has a parameter called `name` by that name (a `**kwargs` catch-all does not count: it
+    promises nothing about what it does with a value the trainer would inject)."""
+    try:
+        return name in inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _name(builder: Any) -> str:
     return getattr(builder, "__qualname__", repr(builder))

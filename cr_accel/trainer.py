@@ -72,7 +72,7 @@ class Trainer(SavingMixin, ResumeMixin):
 
         self.data = components.build_datasets(cfg)
         model = components.build_model(cfg)
-        self.loss_fn = components.build_loss(cfg).to(acc.device)
+        self.loss_fn = components.build_loss(cfg, self.data.metadata).to(acc.device)
         self.metric_fns = components.build_metrics(cfg, self.data.metadata)
         optimizer = components.build_optimizer(cfg, model.parameters())
         train_loader, val_loader = self._make_loaders()

@@ -50,6 +50,7 @@ class ValidationPictures(Callback):
     def _samples(self, trainer: Trainer) -> bytes | None:
         """The picture of the first validation samples; every process runs the model (a sharded one must), the
         main one draws. None, once and for the rest of the run, where outputs are not shaped like targets."""
+        from ..components import data_bounds
         from ..images import samples_png
         from ..rng import rng_kept
 
@@ -73,17 +74,4 @@ class ValidationPictures(Callback):
             return None
         if not acc.is_main_process:
             return None
-        return samples_png(inputs, outputs, targets, difference=True,
-                           value_range=value_range(trainer.data.metadata))
-
-
-def value_range(metadata: dict[str, Any]) -> tuple[float, float]:
-    """(low, high) of the targets from the dataset metadata's `data_range` ([low, high], or a span from 0);
-    [0, 1] where the metadata says nothing."""
-    found = (metadata or {}).get("data_range")
-    if isinstance(found, (list, tuple)) and len(found) == 2 and all(isinstance(v, (int, float)) for v in found):
-        low, high = float(found[0]), float(found[1])
-        return (low, high) if high > low else (0.0, 1.0)
-    if isinstance(found, (int, float)) and not isinstance(found, bool) and found > 0:
-        return 0.0, float(found)
-    return 0.0, 1.0
+        return samples_png(inputs, outputs, targets, difference=True, value_range=data_bounds(trainer.data.metadata))
