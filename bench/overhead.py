@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--max-contention", type=float, default=0.25, help=argparse.SUPPRESS)
     p.add_argument("--wait-quiet", type=float, default=5.0, metavar="S",
                    help="before each A B pair, wait up to S seconds for other tasks to leave the CPUs (default 5)")
+    p.add_argument("--records", action="store_true",
+                   help="B with everything it can record on: loss terms, TensorBoard, histograms every 2 epochs, "
+                        "the dashboard (see bench/variants.py add_records)")
     p.add_argument("--breakdown", action="store_true",
                    help="instead of the A/B runs, time the parts of B's step that A does not have")
     args = p.parse_args(argv)
@@ -75,12 +78,15 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------- runs
 
 
+RECORDS = False  # --records: B records everything (bench/variants.py reads CR_ACCEL_BENCH_RECORDS)
+
+
 def run_variant(variant, workload, steps, workdir):
     """One fresh process; returns its JSON result with the parent's start time in marks['t0']."""
     program = "B" if variant == "B" else "A"  # A' (the control) is the same program as A
     run_dir = Path(tempfile.mkdtemp(prefix=f"{program}-{workload}-", dir=workdir))
     result = run_dir / "result.json"
-    env = {**os.environ, **BENCH_ENV}
+    env = {**os.environ, **BENCH_ENV, "CR_ACCEL_BENCH_RECORDS": "1" if RECORDS else "0"}
     busy = []
     with open(run_dir / "console.txt", "w") as console:
         t0 = time.monotonic()
@@ -322,6 +328,8 @@ def main(argv=None):
     if args.breakdown:  # in a child, so that it runs with the benchmark's environment too
         cmd = [sys.executable, str(HERE / "breakdown.py"), ",".join(args.workloads)] + (["--quick"] if args.quick else [])
         return subprocess.run(cmd, env={**os.environ, **BENCH_ENV}).returncode
+    global RECORDS
+    RECORDS = args.records
     steps_for, results, loads = run_benchmark(args)
     print(report(args, steps_for, results, loads))
     if args.json:

@@ -10,6 +10,7 @@ progress output and log print (the parent sends stdout and stderr to a file).
 """
 
 import json
+import os
 import sys
 import time
 
@@ -57,6 +58,19 @@ def run_hand_written(workload, steps, marks):
     return stamps, cpu_stamps
 
 
+RECORDS_ENV = "CR_ACCEL_BENCH_RECORDS"  # set by bench/overhead.py --records
+
+
+def add_records(raw, workdir):
+    """Everything the run can record, on: the loss as a `weighted` sum of one term (so each step logs a loss
+    term), TensorBoard (step and epoch scalars), histograms of every weight and gradient every 2 epochs (inside
+    the timed steps: the gradient copy at a histogram epoch's first step, the writing at its end), the dashboard
+    (pointed at a port where nothing listens: its thread keeps trying while training goes on)."""
+    raw["loss"] = {"name": "weighted", "terms": {raw["loss"]["name"]: 1.0}}
+    raw["output"].update(trackers=["tensorboard"], histograms_every=2)
+    raw["dashboard"] = {"enabled": True, "url": "http://127.0.0.1:9"}
+
+
 def run_cr_accel(workload, steps, marks, workdir):
     import torch
 
@@ -91,7 +105,7 @@ def run_cr_accel(workload, steps, marks, workdir):
             stamps[step - 1] = now()
             cpu_stamps[step - 1] = cpu_now()
 
-    cfg = config_from_dict({
+    raw = {
         "model": {"name": workload.model, **workload.model_kwargs},
         "loss": {"name": workload.loss},
         "data": {"name": f"bench_{workload.name}", "batch_size": workload.batch_size},
@@ -106,8 +120,10 @@ def run_cr_accel(workload, steps, marks, workdir):
         },
         "output": {"dir": str(workdir)},
         "seed": SEED,
-    })
-    trainer = Trainer(cfg, callbacks=[StepClock()])
+    }
+    if os.environ.get(RECORDS_ENV) == "1":
+        add_records(raw, workdir)
+    trainer = Trainer(config_from_dict(raw), callbacks=[StepClock()])
     marks["built"] = now()
     marks["threads"] = torch.get_num_threads()
     marks["status"] = trainer.train()
