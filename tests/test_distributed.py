@@ -68,6 +68,14 @@ def test_two_process_run_logs_once_and_validates_exactly(small_config, tmp_path)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     # 64 samples / (2 processes x batch 8) = 4 optimizer steps per epoch
     assert [r["step"] for r in rows] == ["4", "8"]
+    # A step record every step (log_every 1), written once; its loss is the mean over both processes'
+    # micro-batches, so an epoch's train_loss is the mean of its 4 step records.
+    steps = read_csv(out / "steps.csv")
+    assert [r["step"] for r in steps] == [str(s) for s in range(1, 9)]
+    assert [r["epoch"] for r in steps] == ["1"] * 4 + ["2"] * 4
+    for epoch, row in enumerate(rows):
+        losses = [float(r["loss"]) for r in steps[4 * epoch:4 * epoch + 4]]
+        assert float(row["train_loss"]) == pytest.approx(sum(losses) / 4, rel=1e-6)
 
     val_loss, val_psnr = evaluate_single_process(small_config, overrides, tmp_path / "p2.safetensors")
     assert float(rows[-1]["val_loss"]) == pytest.approx(val_loss, abs=1e-6)
@@ -89,3 +97,7 @@ def test_lr_per_step_is_the_same_for_2_processes_and_for_accumulation_2(small_co
     assert lrs_one == lrs_two
     assert lrs_two[3] == pytest.approx(1e-3)  # peak right after the 3 warm-up steps
     assert lrs_two[-1] == pytest.approx(0.0)  # cosine down to min_lr_ratio 0 at the last step
+    # The step records agree too: a step's loss is the mean of the same two micro-batches either way.
+    steps_two, steps_one = read_csv(tmp_path / "two/steps.csv"), read_csv(tmp_path / "one/steps.csv")
+    assert [r["step"] for r in steps_two] == [r["step"] for r in steps_one] == [str(s) for s in range(1, 13)]
+    assert [float(r["loss"]) for r in steps_two] == pytest.approx([float(r["loss"]) for r in steps_one], rel=1e-5)
