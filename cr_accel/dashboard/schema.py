@@ -4,13 +4,19 @@ POST /api/runs                  start (or re-start: idempotent upsert)
     {"run_id": str, "name": str,                       required; run_id matches RUN_ID_PATTERN
      "config": object|null, "info": object|null,       optional: the resolved config; anything else
      "world_size": int>=1|null, "device": str|null,    optional
-     "epochs_done": int>=0|null}                       optional: a resumed run's finished epochs; the
+     "epochs_done": int>=0|null,                       optional: a resumed run's finished epochs; the
                                                        server forgets the run's epochs after it
+     "steps_done": int>=0|null}                        optional: a resumed run's last optimizer step; the
+                                                       server forgets the run's step records after it
 POST /api/runs/<run_id>/epochs  one epoch (idempotent by (run_id, epoch): a re-send replaces the row)
     {"epoch": int>=1,                                  required, 1-based
      "step": int>=0|null,                              optional: optimizer steps so far
      "metrics": {name: number|null},                   required (may be empty); null = NaN/inf
      "samples_png": str|null}                          optional: base64 of a PNG (the latest is kept)
+POST /api/runs/<run_id>/steps   step records, a batch of 1 to MAX_STEP_RECORDS (idempotent by (run_id, step))
+    {"steps": [{"step": int>=1,                        required: the global optimizer step
+                "epoch": int>=1,                       required, 1-based
+                "metrics": {name: number|null}}, ...]} required (may be empty); null = NaN/inf
 POST /api/runs/<run_id>/end     how the run ended
     {"status": one of END_STATUSES, "message": str|null}
 
@@ -27,13 +33,15 @@ from urllib.parse import urlsplit
 
 RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _RUN_ID = re.compile(RUN_ID_PATTERN)
-START_FIELDS = ("config", "info", "world_size", "device", "epochs_done")  # besides run_id and name
+START_FIELDS = ("config", "info", "world_size", "device", "epochs_done", "steps_done")  # besides run_id and name
 END_STATUSES = ("finished", "failed", "preempted", "stopped_early")
 MAX_BODY_BYTES = 4 * 2**20
 MAX_EPOCH = 2**31 - 1
 MAX_STEP = 2**63 - 1
 _MAX_NAME = 200
 _MAX_METRICS = 1000
+MAX_STEP_RECORDS = 5000  # per POST .../steps: the tracker sends a few hundred; the folder importer 5000
+_MAX_RECORD_ERRORS = 5  # a batch with many bad records names the first few
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -77,12 +85,14 @@ def check_start(body):
             errors.append(f"`{key}` must be a JSON object or null; got {type_name(body[key])}")
     _optional_int(body, "world_size", 1, 2**31 - 1, errors)
     _optional_int(body, "epochs_done", 0, MAX_EPOCH, errors)
+    _optional_int(body, "steps_done", 0, MAX_STEP, errors)
     device = body.get("device")
     if device is not None and (not isinstance(device, str) or len(device) > _MAX_NAME):
         errors.append(f"`device` must be a string of at most {_MAX_NAME} characters or null; got {_show(device)}")
     _raise(errors)
     return {"run_id": run_id, "name": name, "config": body.get("config"), "info": body.get("info"),
-            "world_size": body.get("world_size"), "device": device, "epochs_done": body.get("epochs_done")}
+            "world_size": body.get("world_size"), "device": device, "epochs_done": body.get("epochs_done"),
+            "steps_done": body.get("steps_done")}
 
 
 def check_epoch(body):
@@ -95,6 +105,61 @@ def check_epoch(body):
     elif not _is_int(epoch) or not 1 <= epoch <= MAX_EPOCH:
         errors.append(f"`epoch` must be an integer from 1 to {MAX_EPOCH} (1-based); got {_show(epoch)}")
     _optional_int(body, "step", 0, MAX_STEP, errors)
+    metrics = _check_metrics(body, errors)
+    png = None
+    encoded = body.get("samples_png")
+    if encoded is not None:
+        if not isinstance(encoded, str):
+            errors.append(f"`samples_png` must be a base64 string or null; got {type_name(encoded)}")
+        else:
+            try:
+                png = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                errors.append("`samples_png` is not valid base64")
+            else:
+                if not png.startswith(PNG_SIGNATURE):
+                    errors.append("`samples_png` does not decode to a PNG image")
+    _raise(errors)
+    return epoch, body.get("step"), metrics, png
+
+
+def check_steps(body):
+    """[(step, epoch, metrics as {str: float|None}), ...] in the order sent; raises ValidationError naming
+    the first few bad records by their index."""
+    errors = []
+    _only(body, ("steps",), errors)
+    raw = body.get("steps")
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_STEP_RECORDS:
+        got = f"{len(raw)} records" if isinstance(raw, list) else _show(raw)
+        errors.append(f"`steps` must be an array of 1 to {MAX_STEP_RECORDS} step records; got {got}")
+        _raise(errors)
+    records, bad = [], 0
+    for i, record in enumerate(raw):
+        problems = []
+        if not isinstance(record, dict):
+            problems.append(f"must be an object {{step, epoch, metrics}}; got {type_name(record)}")
+        else:
+            _only(record, ("step", "epoch", "metrics"), problems)
+            step, epoch = record.get("step"), record.get("epoch")
+            if not _is_int(step) or not 1 <= step <= MAX_STEP:
+                problems.append(f"`step` must be an integer from 1 to {MAX_STEP}; got {_show(step)}")
+            if not _is_int(epoch) or not 1 <= epoch <= MAX_EPOCH:
+                problems.append(f"`epoch` must be an integer from 1 to {MAX_EPOCH} (1-based); got {_show(epoch)}")
+            metrics = _check_metrics(record, problems)
+            if not problems:
+                records.append((step, epoch, metrics))
+        if problems:
+            bad += 1
+            if bad <= _MAX_RECORD_ERRORS:
+                errors.append(f"steps[{i}]: " + "; ".join(problems))
+    if bad > _MAX_RECORD_ERRORS:
+        errors.append(f"... {bad} bad records in all")
+    _raise(errors)
+    return records
+
+
+def _check_metrics(body, errors):
+    """body["metrics"] as {name: float|None} (NaN/inf as None); problems appended to `errors`."""
     metrics = {}
     raw = body.get("metrics")
     if "metrics" not in body:
@@ -117,21 +182,7 @@ def check_epoch(body):
                 metrics[name] = number if math.isfinite(number) else None
             else:
                 errors.append(f"metric `{name}` must be a number or null; got {_show(value)}")
-    png = None
-    encoded = body.get("samples_png")
-    if encoded is not None:
-        if not isinstance(encoded, str):
-            errors.append(f"`samples_png` must be a base64 string or null; got {type_name(encoded)}")
-        else:
-            try:
-                png = base64.b64decode(encoded, validate=True)
-            except (binascii.Error, ValueError):
-                errors.append("`samples_png` is not valid base64")
-            else:
-                if not png.startswith(PNG_SIGNATURE):
-                    errors.append("`samples_png` does not decode to a PNG image")
-    _raise(errors)
-    return epoch, body.get("step"), metrics, png
+    return metrics
 
 
 def check_end(body):
