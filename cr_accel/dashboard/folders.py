@@ -5,7 +5,8 @@ A run folder is a folder holding a metrics.csv or a steps.csv, found up to MAX_D
 itself may be one); hidden folders and a run's own checkpoints/, samples/ and trackers/ are not entered.
 What is read from it:
     dashboard_run_id   its run id: the run is then the very run the trainer reported to the server, and the
-                       folder fills in what never arrived; without it, an id made from the folder's path
+                       folder fills in what never arrived; without it (or when a folder found earlier, in
+                       path order, has the same id: a copied folder), an id made from the folder's path
     metrics.csv        the epochs
     steps.csv          the step records
     config.yaml        the resolved config (yaml.safe_load)
