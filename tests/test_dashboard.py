@@ -572,7 +572,7 @@ def test_server_steps_are_idempotent_and_a_resume_forgets_later_ones(tmp_path):
         start = {"run_id": "r", "name": "r", "epochs_done": 2, "steps_done": 20}
         assert http(srv.url, "POST", "/api/runs", start)[0] == 200
         got = http(srv.url, path="/api/runs/r/steps")[2]
-        assert got["series"]["loss"]["step"] == list(range(1, 21)) and got["last_step"] == 20
+        assert got["series"]["loss"]["step"] == list(range(1, 21)) and (got["last_step"], got["total"]) == (20, 20)
         assert http(srv.url, path="/api/runs")[2]["runs"][0]["last_step"] == 20
 
 

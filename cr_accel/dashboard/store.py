@@ -21,7 +21,7 @@ import time
 
 from . import step_store
 
-SCHEMA_VERSION = 2  # 1: runs, epochs. 2: steps, step_buckets, deleted_runs; runs.folder, runs.step_width
+SCHEMA_VERSION = 2  # 1: runs, epochs. 2: steps, step_buckets, deleted_runs; runs.folder, .step_width, .step_count
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS runs (
     samples_epoch INTEGER,
     samples_png   BLOB,
     folder        TEXT,
-    step_width    INTEGER
+    step_width    INTEGER,
+    step_count    INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS epochs (
     run_id      TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
@@ -55,7 +56,8 @@ CREATE TABLE IF NOT EXISTS deleted_runs (
 );
 """ + step_store.SCHEMA
 # What version 1 lacks besides the new tables (which CREATE TABLE IF NOT EXISTS adds).
-_MIGRATE_FROM_1 = ("ALTER TABLE runs ADD COLUMN folder TEXT", "ALTER TABLE runs ADD COLUMN step_width INTEGER")
+_MIGRATE_FROM_1 = ("ALTER TABLE runs ADD COLUMN folder TEXT", "ALTER TABLE runs ADD COLUMN step_width INTEGER",
+                   "ALTER TABLE runs ADD COLUMN step_count INTEGER NOT NULL DEFAULT 0")
 
 # Run columns a listing returns (never the PNG blob).
 _RUN_COLUMNS = ("run_id", "name", "status", "world_size", "device", "created_at", "updated_at", "ended_at",

@@ -249,7 +249,7 @@ function makeChart(spec, labels, log, signature, data, render) {
     series: [{label: "step"}, ...spec.series.map((s, i) => ({
       label: labels[i],
       stroke: runColor(s.run),
-      width: s.level === "step" ? 1.25 : 2,
+      width: s.level === "step" ? 1 : 2,
       dash: s.name.startsWith("val_") ? [6, 3] : undefined,
       spanGaps: true,
       points: {show: s.level === "epoch" && s.xs.length <= 80, size: 5},
