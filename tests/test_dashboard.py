@@ -752,6 +752,14 @@ def test_dashboard_command_reports_a_busy_port(tmp_path, capsys):
     assert "cannot listen" in capsys.readouterr().err
 
 
+def test_dashboard_command_refuses_a_runs_folder_that_does_not_exist(tmp_path, capsys):
+    from cr_accel.dashboard.server import main
+
+    assert main(["--port", "0", "--db", str(tmp_path / "r.sqlite"), "--runs", str(tmp_path / "nope")]) == 2
+    assert f"--runs {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "r.sqlite").exists()  # refused before anything is created
+
+
 def test_server_answers_a_stalled_body_with_408_promptly(tmp_path, caplog, capfd):
     """Headers with a Content-Length, part of the body, then nothing: 408 after the request timeout, not a
     500 with a traceback after 30 s; the server keeps serving."""
