@@ -374,7 +374,8 @@ def test_tracker_sends_step_records_in_batches(tmp_path):
         tracker.start()
         for step in range(1, 1201):  # queued while the server holds the start message: they leave in batches
             tracker.log_step(step, 1 + step // 400, {"loss": 1.0 / step, "lr": np.float32(0.5), "loss/mse": 2.0,
-                                                     "nan": float("nan"), "note": "text is left out"})
+                                                     "nan": float("nan"), "note": "text is left out",
+                                                     "n" * 300: 1.0})  # a name the server refuses: left out
         tracker.log({"epoch": 1, "step": 1200, "train_loss": 0.5})
         tracker.log_step(0, 1, {"loss": 1.0})  # not a step: left out with a warning, never raised
         server.go.set()

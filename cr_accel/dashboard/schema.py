@@ -38,8 +38,8 @@ END_STATUSES = ("finished", "failed", "preempted", "stopped_early")
 MAX_BODY_BYTES = 4 * 2**20
 MAX_EPOCH = 2**31 - 1
 MAX_STEP = 2**63 - 1
-_MAX_NAME = 200
-_MAX_METRICS = 1000
+MAX_NAME = 200
+MAX_METRICS = 1000
 MAX_STEP_RECORDS = 5000  # per POST .../steps: the tracker sends a few hundred; the folder importer 5000
 _MAX_RECORD_ERRORS = 5  # a batch with many bad records names the first few
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -78,8 +78,8 @@ def check_start(body):
     name = body.get("name")
     if "name" not in body:
         errors.append("`name` is required")
-    elif not isinstance(name, str) or not name.strip() or len(name) > _MAX_NAME:
-        errors.append(f"`name` must be a non-empty string of at most {_MAX_NAME} characters; got {_show(name)}")
+    elif not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
+        errors.append(f"`name` must be a non-empty string of at most {MAX_NAME} characters; got {_show(name)}")
     for key in ("config", "info"):
         if body.get(key) is not None and not isinstance(body[key], dict):
             errors.append(f"`{key}` must be a JSON object or null; got {type_name(body[key])}")
@@ -87,8 +87,8 @@ def check_start(body):
     _optional_int(body, "epochs_done", 0, MAX_EPOCH, errors)
     _optional_int(body, "steps_done", 0, MAX_STEP, errors)
     device = body.get("device")
-    if device is not None and (not isinstance(device, str) or len(device) > _MAX_NAME):
-        errors.append(f"`device` must be a string of at most {_MAX_NAME} characters or null; got {_show(device)}")
+    if device is not None and (not isinstance(device, str) or len(device) > MAX_NAME):
+        errors.append(f"`device` must be a string of at most {MAX_NAME} characters or null; got {_show(device)}")
     _raise(errors)
     return {"run_id": run_id, "name": name, "config": body.get("config"), "info": body.get("info"),
             "world_size": body.get("world_size"), "device": device, "epochs_done": body.get("epochs_done"),
@@ -166,12 +166,12 @@ def _check_metrics(body, errors):
         errors.append("`metrics` is required (an object of name: number; {} for none)")
     elif not isinstance(raw, dict):
         errors.append(f"`metrics` must be an object of name: number; got {type_name(raw)}")
-    elif len(raw) > _MAX_METRICS:
-        errors.append(f"`metrics` has {len(raw)} entries; at most {_MAX_METRICS}")
+    elif len(raw) > MAX_METRICS:
+        errors.append(f"`metrics` has {len(raw)} entries; at most {MAX_METRICS}")
     else:
         for name, value in raw.items():
-            if not name or len(name) > _MAX_NAME:
-                errors.append(f"metric name {_show(name)} must be 1-{_MAX_NAME} characters")
+            if not name or len(name) > MAX_NAME:
+                errors.append(f"metric name {_show(name)} must be 1-{MAX_NAME} characters")
             elif value is None:
                 metrics[name] = None
             elif isinstance(value, (int, float)) and not isinstance(value, bool):

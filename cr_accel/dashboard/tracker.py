@@ -34,8 +34,8 @@ from urllib.parse import urlsplit
 
 from accelerate.tracking import GeneralTracker
 
-from .schema import (END_STATUSES, MAX_BODY_BYTES, MAX_EPOCH, MAX_STEP, SKIP, START_FIELDS, check_url,
-                     metric_value, new_run_id, plain_json, valid_run_id)
+from .schema import (END_STATUSES, MAX_BODY_BYTES, MAX_EPOCH, MAX_METRICS, MAX_NAME, MAX_STEP, SKIP, START_FIELDS,
+                     check_url, metric_value, new_run_id, plain_json, valid_run_id)
 
 logger = logging.getLogger("cr_accel.dashboard")
 
@@ -259,9 +259,10 @@ class DashboardTracker(GeneralTracker):
             return
         values = {}
         for key, value in metrics.items():
-            number = metric_value(value)
-            if number is not SKIP:
-                values[str(key)] = number
+            number, name = metric_value(value), str(key)
+            if number is not SKIP and 1 <= len(name) <= MAX_NAME and len(values) < MAX_METRICS:
+                values[name] = number
+        # Checked here, as the server checks it: one bad record would make it refuse its whole batch.
         payload = {"step": int(step), "epoch": int(epoch), "metrics": values}
         self._ensure_started()
         with self._cond:
