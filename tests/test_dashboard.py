@@ -904,6 +904,7 @@ def test_folder_importer_follows_a_run_folder_as_it_grows_and_is_resumed(tmp_pat
     folder = run_folder(root / "exp" / "lr=1e-3 (a)")
     (root / "exp" / "lr=1e-3 (a)" / "checkpoints" / "step_10").mkdir(parents=True)  # never entered
     (root / "notes").mkdir()  # no metrics.csv or steps.csv: not a run
+    (root / "latest").symlink_to(folder)  # a link to a run folder: the same run, not a second one
     store = RunStore(tmp_path / "runs.sqlite")
     importer = FolderImporter(store, [root])
     [run_id] = importer.scan()

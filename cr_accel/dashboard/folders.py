@@ -56,11 +56,16 @@ class FolderImporter:
     def scan(self):
         """One look at every run folder; returns the run ids seen."""
         claimed = {f.run_id for f in self._folders.values()}
+        seen = set()
         for root in self.roots:
             for path in _find(root, MAX_DEPTH):
-                folder = self._folders.get(path)
+                real = path.resolve()
+                if real in seen:  # also reached through a link (e.g. runs/latest -> runs/exp3): one run
+                    continue
+                seen.add(real)
+                folder = self._folders.get(real)
                 if folder is None:
-                    folder = self._folders[path] = _Folder(path, _run_id(path, root, claimed))
+                    folder = self._folders[real] = _Folder(real, _run_id(path, root, claimed))
                     claimed.add(folder.run_id)
                 folder.sync(self.store)
         return sorted(claimed)
@@ -106,7 +111,8 @@ def _find(root, depth):
     if depth == 0:
         return
     for entry in sorted(entries, key=lambda e: e.name):
-        if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".") and entry.name not in _NOT_RUNS:
+        # Links to folders are followed (runs linked into one place); MAX_DEPTH bounds a loop of links.
+        if not entry.name.startswith(".") and entry.name not in _NOT_RUNS and entry.is_dir():
             yield from _find(entry.path, depth - 1)
 
 
@@ -119,7 +125,7 @@ def _run_id(path, root, claimed):
         text = ""
     if valid_run_id(text) and text not in claimed:
         return text
-    relative = path.relative_to(root).as_posix() if path != root else path.name
+    relative = path.relative_to(root).as_posix() if path != root else root.name
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", relative).strip("-._")[-80:].lstrip("-._") or "run"
     return f"{slug}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
