@@ -259,16 +259,26 @@ def _points(summaries):
     series, last = {}, {}
     for summary in summaries:
         for name, e in summary.items():
-            points = series.setdefault(name, [(e[0], e[1])])  # the series' first point
-            for step, value in sorted({(e[4], e[5]), (e[6], e[7])}):
-                if step != points[-1][0]:
-                    points.append((step, value))
-            last[name] = (e[2], e[3])
+            found = series.get(name)
+            if found is None:
+                found = series[name] = ([e[0]], [e[1]])  # the series' first point
+            steps, values = found
+            a_step, a_value, b_step, b_value = e[4], e[5], e[6], e[7]
+            if b_step < a_step:
+                a_step, a_value, b_step, b_value = b_step, b_value, a_step, a_value
+            if a_step != steps[-1]:
+                steps.append(a_step)
+                values.append(a_value)
+            if b_step != steps[-1]:
+                steps.append(b_step)
+                values.append(b_value)
+            last[name] = e[2], e[3]
     out = {}
-    for name, points in series.items():
-        if last[name][0] != points[-1][0]:
-            points.append(last[name])
-        out[name] = {"step": [p[0] for p in points], "value": [p[1] for p in points]}
+    for name, (steps, values) in series.items():
+        if last[name][0] != steps[-1]:
+            steps.append(last[name][0])
+            values.append(last[name][1])
+        out[name] = {"step": steps, "value": values}
     return out
 
 

@@ -18,6 +18,8 @@ const state = {
   overlay: new Set(),  // extra run ids drawn on the same charts
   data: {},            // run id -> {updated_at, epochs, steps, run}
   renders: 0,          // charts drawn so far (data-render on #charts; tests and bench/dashboard_page.py wait on it)
+  version: 0,          // bumped whenever a run's records are replaced
+  drawn: "",           // the version and the runs the charts show: a poll that brings nothing new draws nothing
 };
 const charts = new Map();  // chart id -> {box, plot, signature}
 
@@ -377,6 +379,7 @@ async function load(id, run) {
     getJSON(runPath(id)),
   ]);
   state.data[id] = {updated_at: run.updated_at, epochs: epochs.epochs, steps, run: detail.run};
+  state.version++;
 }
 
 let busy = false, again = false;
@@ -405,7 +408,9 @@ async function refresh() {
   }
   renderRuns();
   renderDetail();
-  if (state.selected && state.data[state.selected]) {
+  const drawn = JSON.stringify([state.version, shownRuns()]);
+  if (state.selected && state.data[state.selected] && drawn !== state.drawn) {
+    state.drawn = drawn;
     drawCharts();
     renderHparams();
   }
