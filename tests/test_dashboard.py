@@ -821,6 +821,27 @@ def test_every_response_carries_the_security_headers(server):
         assert resp.getheader("Content-Security-Policy") == headers["Content-Security-Policy"], src
 
 
+def test_the_page_and_its_files_are_package_data():
+    """An installed (not editable) cr_accel ships every file the page loads: pyproject.toml's package-data
+    patterns cover each file in static/, and the server serves each one it names."""
+    import ast
+    import fnmatch
+    import re
+
+    from cr_accel.dashboard import assets
+
+    root = Path(__file__).resolve().parents[1]
+    line = re.search(r'^"cr_accel\.dashboard" = (\[.*\])$', (root / "pyproject.toml").read_text(), re.M)
+    patterns = ast.literal_eval(line.group(1))  # tomllib is Python 3.11+; the project runs on 3.10
+    static = root / "cr_accel" / "dashboard" / "static"
+    files = sorted(p.name for p in static.iterdir())
+    assert {"index.html", "dashboard.js", "uPlot.iife.min.js", "uPlot.min.css", "uPlot.LICENSE"} <= set(files)
+    for name in files:
+        assert any(fnmatch.fnmatch(f"static/{name}", pattern) for pattern in patterns), name
+    assert set(assets.STATIC_FILES) == set(files) - {"index.html"}
+    assert "MIT License" in (static / "uPlot.LICENSE").read_text()
+
+
 def test_tracker_escapes_a_hostile_reply_before_printing_it(caplog):
     """A server's error text with terminal escape codes reaches the console as visible escapes only."""
     caplog.set_level(logging.INFO, logger=LOGGER)
