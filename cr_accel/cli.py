@@ -137,7 +137,7 @@ def _leave_process_group():
 
 
 def main_dashboard(argv):
-    """`cr-accel dashboard [--host H] [--port P] [--db FILE] [--token T]`: the live dashboard server."""
+    """`cr-accel dashboard [--host H] [--port P] [--db FILE] [--token T] [--runs DIR]`: the live dashboard server."""
     from .dashboard.server import main as dashboard_main
 
     return dashboard_main(argv)

@@ -3,7 +3,8 @@
     .venv/bin/python scripts/dashboard_screenshot.py [--out docs/dashboard.png]
 
 Needs Debian's chromium (`apt-get install -y chromium`) and `pip install playwright` (not `playwright
-install`). The runs are sent through the real DashboardTracker, as the trainer sends them.
+install`). The runs are sent through the real DashboardTracker, as the trainer sends them: a step record
+every 5 optimizer steps and the epochs.
 """
 
 import argparse
@@ -23,6 +24,10 @@ from cr_accel.dashboard.tracker import DashboardTracker
 
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+# Every chart drawn by uPlot for the current drawing, with these runs (comma-separated).
+DRAWN = """runs => { const root = document.getElementById('charts'), charts = [...root.querySelectorAll('.chart')];
+                     return root.dataset.runs === runs && charts.length > 0
+                            && charts.every(c => c.dataset.drawn === root.dataset.render); }"""
 CONFIG = {
     "model": {"name": "conv_denoiser", "channels": 32, "depth": 4},
     "loss": {"name": "mse"},
@@ -61,6 +66,12 @@ def send_run(url, name, epochs, lr, status, rng, noise_level, with_samples=False
             "samples_per_s": 15200 + rng.normal(0, 250), "epoch_time": 1.0 + rng.normal(0, 0.02),
             "val_psnr": 10 * math.log10(1 / val), "val_mae": math.sqrt(val) * 0.6,
         }
+        for step in range(235 * (epoch - 1) + 5, 235 * epoch + 1, 5):
+            t = step / 235
+            loss = 0.02 + 0.5 * math.exp(-t / (6 if lr < 2e-3 else 4)) * (1 + rng.normal(0, 0.08))
+            tracker.log_step(step, epoch, {"loss": loss, "loss/mse": loss * 0.7, "loss/grad": loss * 0.3,
+                                           "lr": lr * 0.5 * (1 + math.cos(math.pi * t / 30)),
+                                           "grad_norm": 0.3 + 2.5 * math.exp(-t / 5) + abs(rng.normal(0, 0.15))})
         if with_samples:
             noisy = targets + rng.normal(0, noise_level, targets.shape)
             denoised = targets + rng.normal(0, noise_level * math.exp(-epoch / 5), targets.shape)
@@ -94,10 +105,10 @@ def main(argv=None):
                 browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
                 page = browser.new_page(viewport={"width": 1440, "height": 1320})
                 page.goto(f"{server.url}/#run={live.run_id}")
-                page.wait_for_selector('#chart-loss circle[data-epoch="17"]')
+                page.wait_for_function(DRAWN, arg=live.run_id)
                 other = page.locator("tr.run", has_text="denoiser-lr3e-3").get_attribute("data-run-id")
                 page.check(f'input[data-overlay="{other}"]')
-                page.wait_for_selector(f'#chart-loss circle[data-run="{other}"]')
+                page.wait_for_function(DRAWN, arg=f"{live.run_id},{other}")
                 page.wait_for_function("() => document.getElementById('samples').naturalWidth > 0")
                 page.screenshot(path=args.out, full_page=True)
                 browser.close()

@@ -188,7 +188,7 @@ def test_tracker_never_blocks_training_when_the_dashboard_is_broken(mode, caplog
     assert finish_s < 1.0 + 0.3, f"finish() took {finish_s:.2f} s with a 1 s bound"
     warnings = dashboard_warnings(caplog)
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
-    assert url in warnings[0].getMessage() and "training continues" in warnings[0].getMessage()
+    assert url in warnings[0].getMessage() and "cannot deliver" in warnings[0].getMessage()
     assert tracker.sent == 0 and tracker.dropped == 52  # start + 50 epochs + end, all left out at the end
 
 
@@ -210,7 +210,8 @@ def test_tracker_keeps_epochs_while_the_dashboard_is_down_and_delivers_them_in_o
         for epoch in range(6, 9):
             tracker.log({"epoch": epoch, "step": 10 * epoch, "train_loss": 1.0 / epoch}, step=epoch)
         tracker.set_status("finished")
-        tracker.finish_timeout = 10
+        # flush(), not finish() at once: finish() does not wait for a dashboard that never answered yet
+        assert tracker.flush(10)
         tracker.finish()
         assert tracker.pending == 0 and tracker.sent == 1 + 8 + 1 and tracker.dropped == 0
         _, _, run = http(server.url, path="/api/runs/late-1")
@@ -235,6 +236,7 @@ def test_tracker_queue_is_bounded_and_never_drops_the_start_message(tmp_path):
         tracker.log({"epoch": epoch, "train_loss": float(epoch)}, step=epoch)
     assert tracker.pending <= 5
     with running_server(tmp_path / "runs.sqlite", port=port) as server:
+        tracker.flush(10)  # finish() alone would not wait: the dashboard never answered during the run
         tracker.finish()
         _, _, run = http(server.url, path="/api/runs/bounded-1")
         _, _, epochs = http(server.url, path="/api/runs/bounded-1/epochs")
@@ -337,6 +339,71 @@ def test_run_id_for_keeps_one_id_per_output_dir(tmp_path):
     assert run_id_for(tmp_path / "run2", "my run!") != first
 
 
+@contextlib.contextmanager
+def counting_server(db, **options):
+    """running_server that counts the records of every POST .../steps it answered (`step_posts`), and answers
+    a start message only once `go` is set."""
+    with running_server(db, **options) as server:
+        handler, posts, go = server.RequestHandlerClass, [], threading.Event()
+
+        class Counting(handler):
+            def _start_run(self, body):
+                go.wait(10)
+                super()._start_run(body)
+
+            def _add_steps(self, body, run_id):
+                super()._add_steps(body, run_id)
+                posts.append(len(body["steps"]))
+
+        server.RequestHandlerClass = Counting
+        server.step_posts, server.go = posts, go
+        yield server
+
+
+def test_tracker_sends_step_records_in_batches(tmp_path):
+    with counting_server(tmp_path / "runs.sqlite") as server:
+        tracker = DashboardTracker(server.url, "steps", run_id="steps-1", max_step_batch=500)
+        tracker.start()
+        for step in range(1, 1201):  # queued while the server holds the start message: they leave in batches
+            tracker.log_step(step, 1 + step // 400, {"loss": 1.0 / step, "lr": np.float32(0.5), "loss/mse": 2.0,
+                                                     "nan": float("nan"), "note": "text is left out",
+                                                     "n" * 300: 1.0})  # a name the server refuses: left out
+        tracker.log({"epoch": 1, "step": 1200, "train_loss": 0.5})
+        tracker.log_step(0, 1, {"loss": 1.0})  # not a step: left out with a warning, never raised
+        server.go.set()
+        assert tracker.flush(10)
+        tracker.finish()
+        answer = http(server.url, path="/api/runs/steps-1/steps?max_points=5000")[2]
+        posts = list(server.step_posts)
+    assert (answer["total"], answer["first_step"], answer["last_step"], answer["downsampled"]) == (1200, 1, 1200, False)
+    assert answer["series"]["loss"]["step"] == list(range(1, 1201))
+    assert answer["series"]["loss"]["value"] == [1.0 / s for s in range(1, 1201)]
+    assert set(answer["series"]) == {"loss", "lr", "loss/mse"}  # NaN is null (no point), text is left out
+    assert posts == [500, 500, 200], posts  # every record once, in order, at most 500 per request
+    assert tracker.sent == 1 + 1200 + 1 + 1 and tracker.dropped == 0
+
+
+def test_tracker_report_gets_the_notices_nothing_is_printed_and_finish_does_not_wait(capfd, caplog):
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    lines = []
+    tracker = DashboardTracker(f"http://127.0.0.1:{free_port()}", "reported", finish_timeout=30, report=lines.append,
+                               **FAST_RETRY)
+    tracker.start()
+    for step in range(1, 6):
+        tracker.log_step(step, 1, {"loss": 1.0})
+    deadline = time.monotonic() + 10
+    while not lines and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    tracker.finish()
+    assert time.monotonic() - started < 5, "finish() waited for a dashboard that never answered"
+    assert lines and "cannot deliver" in lines[0] and "connection refused" in lines[0], lines
+    assert any("7 message(s) not delivered" in line for line in lines), lines  # start, 5 records, end
+    assert not [r for r in caplog.records if r.name.startswith(LOGGER) and r.levelno >= logging.INFO]
+    out, err = capfd.readouterr()
+    assert out == err == ""
+
+
 # ---------------------------------------------------------------- the samples picture
 
 def test_samples_png_is_a_valid_grid_with_clipped_values():
@@ -378,6 +445,7 @@ def _post(path, body, ctype="application/json", length=None, extra=b""):
 
 
 EPOCH = "/api/runs/known/epochs"
+STEPS = "/api/runs/known/steps"
 BAD_REQUESTS = {
     "malformed JSON": (_post("/api/runs", b'{"run_id": '), 400, "not valid JSON"),
     "not an object": (_post("/api/runs", [1, 2]), 400, "must be a JSON object"),
@@ -400,6 +468,25 @@ BAD_REQUESTS = {
     "samples not a PNG": (_post(EPOCH, {"epoch": 1, "metrics": {},
                                         "samples_png": base64.b64encode(b"GIF89a").decode()}), 422, "PNG"),
     "bad end status": (_post("/api/runs/known/end", {"status": "exploded"}), 422, "one of finished"),
+    "steps not a list": (_post(STEPS, {"steps": {"step": 1}}), 422, "`steps` must be an array of 1 to 5000"),
+    "steps empty": (_post(STEPS, {"steps": []}), 422, "got 0 records"),
+    "steps too many": (_post(STEPS, {"steps": [{"step": 1, "epoch": 1, "metrics": {}}] * 5001}), 422,
+                       "got 5001 records"),
+    "step zero": (_post(STEPS, {"steps": [{"step": 1, "epoch": 1, "metrics": {}}, {"step": 0, "epoch": 1,
+                                                                                   "metrics": {}}]}),
+                  422, "steps[1]: `step` must be an integer from 1"),
+    "step epoch missing": (_post(STEPS, {"steps": [{"step": 3, "metrics": {}}]}), 422, "steps[0]: `epoch` must be"),
+    "step metric a string": (_post(STEPS, {"steps": [{"step": 3, "epoch": 1, "metrics": {"loss": "low"}}]}), 422,
+                             "steps[0]: metric `loss` must be a number"),
+    "step unknown field": (_post(STEPS, {"steps": [{"step": 3, "epoch": 1, "metrics": {}, "loss": 1}]}), 422,
+                           "steps[0]: unknown field(s) `loss`"),
+    "steps of an unknown run": (_post("/api/runs/nobody/steps", {"steps": [{"step": 1, "epoch": 1, "metrics": {}}]}),
+                                404, "unknown run `nobody`"),
+    "bad max_points": (b"GET /api/runs/known/steps?max_points=2 HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+                       "`max_points` must be an integer from 4"),
+    "bad after": (b"GET /api/runs/known/steps?after=-1 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "`after`"),
+    "delete an unknown run": (b"DELETE /api/runs/nobody HTTP/1.1\r\nHost: x\r\n\r\n", 404, "unknown run"),
+    "unknown static file": (b"GET /static/server.py HTTP/1.1\r\nHost: x\r\n\r\n", 404, "no such file"),
     "unknown run": (_post("/api/runs/nobody/epochs", {"epoch": 1, "metrics": {}}), 404, "unknown run `nobody`"),
     "unknown path": (b"GET /api/nothing HTTP/1.1\r\nHost: x\r\n\r\n", 404, "no such path"),
     "wrong method": (b"PUT /api/runs HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, "PUT is not allowed"),
@@ -438,7 +525,7 @@ def test_server_keeps_serving_after_bad_requests(server):
     status, _, body = http(server.url, path="/api/runs/known/epochs")
     assert status == 200 and body["epochs"][0]["metrics"] == {"train_loss": 0.25}
     status, resp, page = http(server.url, path="/")
-    assert status == 200 and resp.getheader("Content-Type").startswith("text/html") and b"chart-" in page
+    assert status == 200 and resp.getheader("Content-Type").startswith("text/html") and b'id="charts"' in page
 
 
 def test_server_epochs_are_idempotent_and_a_resume_replaces_later_ones(tmp_path):
@@ -456,6 +543,132 @@ def test_server_epochs_are_idempotent_and_a_resume_replaces_later_ones(tmp_path)
         # a run resumed from the checkpoint after epoch 2 trains epoch 3 again
         assert http(srv.url, "POST", "/api/runs", {"run_id": "r", "name": "r", "epochs_done": 2})[0] == 200
         assert [r["epoch"] for r in http(srv.url, path="/api/runs/r/epochs")[2]["epochs"]] == [1, 2]
+
+
+def test_server_steps_are_idempotent_and_a_resume_forgets_later_ones(tmp_path):
+    def records(steps, loss):
+        return {"steps": [{"step": s, "epoch": 1 + s // 10, "metrics": {"loss": loss, "lr": 0.1}} for s in steps]}
+
+    with running_server(tmp_path / "runs.sqlite") as srv:
+        assert http(srv.url, "POST", "/api/runs", {"run_id": "r", "name": "r"})[0] == 201
+        assert http(srv.url, "POST", "/api/runs/r/steps", records(range(1, 31), 1.0))[2]["steps"] == 30
+        assert http(srv.url, "POST", "/api/runs/r/steps", records(range(21, 31), 1.0))[0] == 200  # a retry
+        assert http(srv.url, "POST", "/api/runs/r/steps", records([25], 0.5))[0] == 200  # a re-send replaces
+        got = http(srv.url, path="/api/runs/r/steps")[2]
+        assert (got["total"], got["downsampled"], got["max_points"]) == (30, False, 2000)
+        assert got["series"]["loss"]["step"] == list(range(1, 31))
+        assert got["series"]["loss"]["value"] == [0.5 if s == 25 else 1.0 for s in range(1, 31)]
+        assert http(srv.url, path="/api/runs/r/steps?after=28")[2]["series"]["lr"] == {"step": [29, 30],
+                                                                                        "value": [0.1, 0.1]}
+        assert http(srv.url, path="/api/runs")[2]["runs"][0]["last_step"] == 30
+        # a run resumed from the checkpoint at step 20 trains steps 21... again
+        start = {"run_id": "r", "name": "r", "epochs_done": 2, "steps_done": 20}
+        assert http(srv.url, "POST", "/api/runs", start)[0] == 200
+        got = http(srv.url, path="/api/runs/r/steps")[2]
+        assert got["series"]["loss"]["step"] == list(range(1, 21)) and (got["last_step"], got["total"]) == (20, 20)
+        assert http(srv.url, path="/api/runs")[2]["runs"][0]["last_step"] == 20
+
+
+def test_server_downsamples_steps_to_at_most_max_points_keeping_first_last_and_extremes(tmp_path):
+    rng = np.random.default_rng(0)
+    steps = np.arange(10, 200_001, 10)  # 20,000 records, every 10 steps
+    loss = 1 + rng.random(len(steps))
+    loss[1234], loss[17000] = 50.0, -3.0  # a spike and a dip at one step each
+    records = [(int(s), 1, {"loss": float(v), "lr": 0.01, "late": float(v) if s > 150_000 else None})
+               for s, v in zip(steps, loss)]
+    store = RunStore(tmp_path / "runs.sqlite")
+    store.start_run("big", "big")
+    for i in range(0, len(records), 5000):
+        store.add_steps("big", records[i:i + 5000])
+    truth = {(int(s), float(v)) for s, v in zip(steps, loss)}
+    for max_points, after in ((200, 0), (1000, 0), (4, 0), (300, 12_345)):
+        got = store.get_steps("big", max_points, after)
+        assert got["downsampled"] and got["total"] == int((steps > after).sum())
+        assert got["bucket_steps"] is not None or after, "a read from the start uses the summaries"
+        for name, series in got["series"].items():
+            assert 1 <= len(series["step"]) <= max_points, (name, max_points, len(series["step"]))
+            assert series["step"] == sorted(set(series["step"])), name
+        kept = list(zip(got["series"]["loss"]["step"], got["series"]["loss"]["value"]))
+        assert set(kept) <= truth, "a point that is not a record"
+        expected = [(int(s), float(v)) for s, v in zip(steps, loss) if s > after]
+        assert kept[0] == expected[0] and kept[-1] == expected[-1], "first or last point lost"
+        assert max(kept, key=lambda p: p[1]) == max(expected, key=lambda p: p[1])  # the spike
+        assert min(kept, key=lambda p: p[1]) == min(expected, key=lambda p: p[1])  # the dip
+        assert got["series"]["late"]["step"][0] == 150_010 and got["series"]["lr"]["value"][0] == 0.01
+    assert 100 < len(store.get_steps("big", 1000)["series"]["loss"]["step"])  # not needlessly coarse
+    # a re-sent record with another value: the summaries follow (the spike is gone)
+    store.add_steps("big", [(12_350, 1, {"loss": 1.5, "lr": 0.01})])
+    assert max(store.get_steps("big", 200)["series"]["loss"]["value"]) < 50
+    # a resume before the dip forgets it, in the summaries too
+    store.start_run("big", "big", steps_done=150_000)
+    got = store.get_steps("big", 200)
+    assert got["last_step"] == 150_000 and min(got["series"]["loss"]["value"]) > 0 and "late" not in got["series"]
+    store.close()
+
+
+def test_server_deletes_a_run_only_with_the_token(tmp_path):
+    with running_server(tmp_path / "runs.sqlite", token="tok") as srv:
+        auth = {"Authorization": "Bearer tok"}
+        assert http(srv.url, "POST", "/api/runs", {"run_id": "gone", "name": "g"}, auth)[0] == 201
+        assert http(srv.url, "POST", "/api/runs/gone/epochs", {"epoch": 1, "metrics": {"x": 1}}, auth)[0] == 200
+        steps = {"steps": [{"step": s, "epoch": 1, "metrics": {"loss": 1.0}} for s in range(1, 100)]}
+        assert http(srv.url, "POST", "/api/runs/gone/steps", steps, auth)[0] == 200
+        status, _, body = http(srv.url, "DELETE", "/api/runs/gone")
+        assert status == 401 and "missing token" in body["error"]
+        assert http(srv.url, "DELETE", "/api/runs/gone", headers={"Authorization": "Bearer nope"})[0] == 401
+        assert http(srv.url, path="/api/runs/gone")[0] == 200  # still there
+        status, _, body = http(srv.url, "DELETE", "/api/runs/gone", headers=auth)
+        assert (status, body["deleted"]) == (200, True)
+        assert http(srv.url, path="/api/runs/gone")[0] == 404 and http(srv.url, path="/api/runs")[2]["runs"] == []
+        assert http(srv.url, "DELETE", "/api/runs/gone", headers=auth)[0] == 404
+    with sqlite3.connect(tmp_path / "runs.sqlite") as con:  # its records went with it
+        for table in ("epochs", "steps", "step_buckets"):
+            assert con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0, table
+
+
+def test_server_serves_a_runs_records_as_csv_downloads(tmp_path):
+    with running_server(tmp_path / "runs.sqlite") as srv:
+        assert http(srv.url, "POST", "/api/runs", {"run_id": "c", "name": "c"})[0] == 201
+        for epoch, metrics in ((1, {"train_loss": 0.1, "val_loss": None}), (2, {"train_loss": 1 / 3, "val_psnr": 20})):
+            assert http(srv.url, "POST", "/api/runs/c/epochs", {"epoch": epoch, "step": 5 * epoch,
+                                                                "metrics": metrics})[0] == 200
+        steps = [{"step": 5, "epoch": 1, "metrics": {"loss": 0.25}},
+                 {"step": 10, "epoch": 2, "metrics": {"loss": 0.1 + 0.2, "loss/mse": 2.5}}]
+        assert http(srv.url, "POST", "/api/runs/c/steps", {"steps": steps})[0] == 200
+        status, resp, metrics_csv = http(srv.url, path="/api/runs/c/metrics.csv")
+        assert status == 200 and resp.getheader("Content-Type").startswith("text/csv")
+        assert resp.getheader("Content-Disposition") == 'attachment; filename="c-metrics.csv"'
+        status, resp, steps_csv = http(srv.url, path="/api/runs/c/steps.csv")
+        assert resp.getheader("Content-Disposition") == 'attachment; filename="c-steps.csv"'
+        assert http(srv.url, path="/api/runs/nobody/steps.csv")[0] == 404
+    assert metrics_csv.decode().splitlines() == ["epoch,step,train_loss,val_loss,val_psnr", "1,5,0.1,,",
+                                                 f"2,10,{1 / 3!r},,20.0"]
+    assert steps_csv.decode().splitlines() == ["step,epoch,loss,loss/mse", "5,1,0.25,", f"10,2,{0.1 + 0.2!r},2.5"]
+
+
+def test_store_opens_a_version_1_database_and_adds_step_records(tmp_path):
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as con:  # the file an earlier cr_accel wrote (schema version 1)
+        con.executescript("""
+            CREATE TABLE runs (run_id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL, config TEXT,
+              info TEXT, world_size INTEGER, device TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+              ended_at REAL, end_message TEXT, samples_epoch INTEGER, samples_png BLOB);
+            CREATE TABLE epochs (run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+              epoch INTEGER NOT NULL, step INTEGER, metrics TEXT NOT NULL, received_at REAL NOT NULL,
+              PRIMARY KEY (run_id, epoch));
+            INSERT INTO runs VALUES ('old', 'old run', 'finished', '{"seed": 1}', NULL, 1, 'cpu', 1.0, 2.0, 2.0,
+              NULL, NULL, NULL);
+            INSERT INTO epochs VALUES ('old', 1, 10, '{"train_loss": 0.5}', 1.5);
+            PRAGMA user_version=1;""")
+    with running_server(db) as srv:
+        runs = http(srv.url, path="/api/runs")[2]["runs"]
+        assert [(r["run_id"], r["status"], r["epochs"], r["last_step"]) for r in runs] == [("old", "finished", 1, None)]
+        assert http(srv.url, path="/api/runs/old")[2]["run"]["config"] == {"seed": 1}
+        steps = {"steps": [{"step": 10, "epoch": 1, "metrics": {"loss": 0.5}}]}
+        assert http(srv.url, "POST", "/api/runs/old/steps", steps)[0] == 200
+        assert http(srv.url, path="/api/runs/old/steps")[2]["series"]["loss"] == {"step": [10], "value": [0.5]}
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_server_token_protects_writes(tmp_path):
@@ -532,6 +745,14 @@ def test_dashboard_command_reports_a_busy_port(tmp_path, capsys):
     assert "cannot listen" in capsys.readouterr().err
 
 
+def test_dashboard_command_refuses_a_runs_folder_that_does_not_exist(tmp_path, capsys):
+    from cr_accel.dashboard.server import main
+
+    assert main(["--port", "0", "--db", str(tmp_path / "r.sqlite"), "--runs", str(tmp_path / "nope")]) == 2
+    assert f"--runs {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "r.sqlite").exists()  # refused before anything is created
+
+
 def test_server_answers_a_stalled_body_with_408_promptly(tmp_path, caplog, capfd):
     """Headers with a Content-Length, part of the body, then nothing: 408 after the request timeout, not a
     500 with a traceback after 30 s; the server keeps serving."""
@@ -579,13 +800,38 @@ def test_every_response_carries_the_security_headers(server):
         csp = dict(d.strip().split(" ", 1) for d in headers.get("Content-Security-Policy", "").split(";"))
         assert csp.get("default-src") == "'none'" and csp.get("frame-ancestors") == "'none'", (what, csp)
         assert csp.get("connect-src") == "'self'" and "unsafe-inline" not in csp["script-src"], (what, csp)
-    # The page's inline script is allowed by its hash (the browser test below runs it under this policy).
-    import hashlib
+    # Scripts come from this server only: the page has no inline script (the browser test below runs the page
+    # under this policy), and the script files are served with the same headers.
     import re
 
-    script = re.search(rb"<script>(.*?)</script>", http(server.url, path="/")[2], re.S).group(1)
-    digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
-    assert csp["script-src"] == f"'sha256-{digest}'"
+    page = http(server.url, path="/")[2]
+    assert csp["script-src"] == "'self'"
+    assert not re.search(rb"<script(?![^>]*\bsrc=)[^>]*>", page), "an inline script would be blocked"
+    for src in re.findall(rb'<script src="([^"]+)"', page):
+        status, resp, _ = http(server.url, path=src.decode())
+        assert status == 200 and resp.getheader("Content-Type").startswith("text/javascript"), src
+        assert resp.getheader("Content-Security-Policy") == headers["Content-Security-Policy"], src
+
+
+def test_the_page_and_its_files_are_package_data():
+    """An installed (not editable) cr_accel ships every file the page loads: pyproject.toml's package-data
+    patterns cover each file in static/, and the server serves each one it names."""
+    import ast
+    import fnmatch
+    import re
+
+    from cr_accel.dashboard import assets
+
+    root = Path(__file__).resolve().parents[1]
+    line = re.search(r'^"cr_accel\.dashboard" = (\[.*\])$', (root / "pyproject.toml").read_text(), re.M)
+    patterns = ast.literal_eval(line.group(1))  # tomllib is Python 3.11+; the project runs on 3.10
+    static = root / "cr_accel" / "dashboard" / "static"
+    files = sorted(p.name for p in static.iterdir())
+    assert {"index.html", "dashboard.js", "uPlot.iife.min.js", "uPlot.min.css", "uPlot.LICENSE"} <= set(files)
+    for name in files:
+        assert any(fnmatch.fnmatch(f"static/{name}", pattern) for pattern in patterns), name
+    assert set(assets.STATIC_FILES) == set(files) - {"index.html"}
+    assert "MIT License" in (static / "uPlot.LICENSE").read_text()
 
 
 def test_tracker_escapes_a_hostile_reply_before_printing_it(caplog):
@@ -629,6 +875,145 @@ def test_tracker_escapes_a_hostile_reply_before_printing_it(caplog):
         assert not any(not c.isprintable() and c != "\n" for c in text), (name, repr(text))
 
 
+# ---------------------------------------------------------------- run folders (--runs)
+
+def write_csv(path, columns, rows, partial=""):
+    """A CSV like the trainer's: floats as repr, None as an empty cell; replaced at once (a new inode), as the
+    trainer rewrites it; `partial`: an unfinished last line, as seen while the trainer writes it."""
+    lines = [",".join(columns)] + [",".join("" if v is None else repr(v) if isinstance(v, float) else str(v)
+                                            for v in row) for row in rows]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n" + partial)
+    tmp.replace(path)
+
+
+def append_lines(path, *lines):
+    with open(path, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def run_folder(path, epochs=3, steps=30, log="training started"):
+    """A run folder written by hand, as the trainer writes one (10 steps an epoch)."""
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text("optimizer:\n  name: adamw\n  lr: 0.001\nseed: 7\n")
+    (path / "environment.json").write_text(json.dumps({"world_size": 2, "device": "cuda:0"}))
+    write_csv(path / "metrics.csv", ["epoch", "step", "train_loss", "val_loss", "val_psnr"],
+              [(e, 10 * e, 1.0 / e, 1.1 / e, float("nan") if e == 2 else 20.0 + e) for e in range(1, epochs + 1)])
+    write_csv(path / "steps.csv", ["step", "epoch", "loss", "lr"],
+              [(s, 1 + (s - 1) // 10, 2.0 / s, 0.1) for s in range(1, steps + 1)])
+    (path / "samples").mkdir()
+    for epoch in range(1, epochs + 1):
+        (path / "samples" / f"epoch_{epoch:04d}.png").write_bytes(samples_png(np.full((1, 2, 2), epoch / 9),
+                                                                              np.zeros((1, 2, 2)), np.ones((1, 2, 2))))
+    (path / "train.log").write_text(f"2025-01-01 10:00:00 {log}\n")
+    return path
+
+
+def test_folder_importer_follows_a_run_folder_as_it_grows_and_is_resumed(tmp_path):
+    from cr_accel.dashboard.folders import FolderImporter
+    from cr_accel.dashboard.schema import valid_run_id
+
+    root = tmp_path / "runs"
+    folder = run_folder(root / "exp" / "lr=1e-3 (a)")
+    (root / "exp" / "lr=1e-3 (a)" / "checkpoints" / "step_10").mkdir(parents=True)  # never entered
+    (root / "notes").mkdir()  # no metrics.csv or steps.csv: not a run
+    (root / "latest").symlink_to(folder)  # a link to a run folder: the same run, not a second one
+    store = RunStore(tmp_path / "runs.sqlite")
+    importer = FolderImporter(store, [root])
+    [run_id] = importer.scan()
+    assert valid_run_id(run_id) and run_id.startswith("exp-lr-1e-3-a-")
+    assert FolderImporter(store, [root]).scan() == [run_id]  # the same id on every scan and server start
+    run = store.get_run(run_id)
+    assert (run["name"], run["status"], run["folder"], run["world_size"], run["device"]) == (
+        "lr=1e-3 (a)", "running", str(folder.resolve()), 2, "cuda:0")
+    assert run["config"] == {"optimizer": {"name": "adamw", "lr": 0.001}, "seed": 7}
+    assert store.get_samples(run_id) == (3, (folder / "samples" / "epoch_0003.png").read_bytes())
+    epochs = store.get_epochs(run_id)
+    assert [(e["epoch"], e["step"]) for e in epochs] == [(1, 10), (2, 20), (3, 30)]
+    assert epochs[1]["metrics"] == {"train_loss": 0.5, "val_loss": 1.1 / 2, "val_psnr": None}
+    assert store.get_steps(run_id, 1000)["series"]["loss"]["value"] == [2.0 / s for s in range(1, 31)]
+
+    # it grows: complete lines are read, the line being written waits for the next scan
+    append_lines(folder / "steps.csv", "31,4,0.0625,0.1", "32,4,0.03125,0.1")
+    with open(folder / "steps.csv", "a") as f:
+        f.write("33,4,0.01")
+    importer.scan()
+    assert store.get_steps(run_id, 1000)["last_step"] == 32
+    append_lines(folder / "steps.csv", "5,0.1")  # the rest of step 33's line
+    append_lines(folder / "metrics.csv", "4,40,0.25,0.275,24.0")
+    importer.scan()
+    assert store.get_steps(run_id, 1000)["series"]["loss"]["step"][-1] == 33
+    assert store.get_steps(run_id, 1000)["series"]["loss"]["value"][-1] == 0.015
+    assert [e["epoch"] for e in store.get_epochs(run_id)] == [1, 2, 3, 4]
+
+    # a resume from the checkpoint after epoch 2 rewrites both files shorter, then trains on
+    write_csv(folder / "metrics.csv", ["epoch", "step", "train_loss", "val_loss", "val_psnr"],
+              [(1, 10, 1.0, 1.1, 21.0), (2, 20, 0.5, 0.55, None)])
+    write_csv(folder / "steps.csv", ["step", "epoch", "loss", "lr"],
+              [(s, 1 + (s - 1) // 10, 2.0 / s, 0.1) for s in range(1, 21)] + [(21, 3, 9.0, 0.1)])
+    importer.scan()
+    assert [e["epoch"] for e in store.get_epochs(run_id)] == [1, 2]
+    got = store.get_steps(run_id, 1000)["series"]["loss"]
+    assert got["step"] == list(range(1, 22)) and got["value"][-1] == 9.0
+
+    # a new column widens the header: the file is rewritten with the same rows, read again whole
+    write_csv(folder / "metrics.csv", ["epoch", "step", "train_loss", "val_loss", "val_psnr", "peak_mem_mb"],
+              [(1, 10, 1.0, 1.1, 21.0, None), (2, 20, 0.5, 0.55, None, None), (3, 30, 0.3, 0.4, 22.0, 512.0)])
+    importer.scan()
+    assert store.get_epochs(run_id)[-1]["metrics"]["peak_mem_mb"] == 512.0
+
+    # the end: the status is the last line's, the tracker's own notices after it aside
+    append_lines(folder / "train.log", "2025-01-01 11:00:00 training preempted after 3 epochs, 30 optimizer steps",
+                 "2025-01-01 11:00:01 dashboard: 2 message(s) could not be delivered to http://127.0.0.1:1")
+    importer.scan()
+    assert store.get_run(run_id)["status"] == "preempted"
+    append_lines(folder / "train.log", "2025-01-01 12:00:00 resuming from checkpoints/last")  # requeued
+    os.utime(folder / "train.log", (time.time() + 5, time.time() + 5))
+    importer.scan()
+    assert store.get_run(run_id)["status"] == "running"
+    store.close()
+
+
+def test_folder_runs_merge_with_posted_runs_and_deleted_runs_stay_deleted(tmp_path):
+    root = tmp_path / "runs"
+    reported = run_folder(root / "reported", epochs=3, log="training finished after 3 epochs, 30 optimizer steps")
+    (reported / "dashboard_run_id").write_text("reported-1\n")
+    run_folder(root / "folder-only")
+    copy = run_folder(root / "reported-copy")  # a copy of a run folder: another run, another id (the folder
+    # found first, in name order, keeps the id)
+    (copy / "dashboard_run_id").write_text("reported-1\n")
+    with running_server(tmp_path / "runs.sqlite", runs_dirs=[root], scan_interval=0.05) as srv:
+        tracker = DashboardTracker(srv.url, "reported", run_id="reported-1")  # epoch 3 never arrived
+        for epoch in (1, 2):
+            tracker.log({"epoch": epoch, "step": 10 * epoch, "train_loss": 1.0 / epoch})
+        tracker.finish()
+
+        def runs():
+            return {r["run_id"]: r for r in http(srv.url, path="/api/runs")[2]["runs"]}
+
+        deadline = time.monotonic() + 10
+        while not (len(runs()) == 3 and runs()["reported-1"]["epochs"] == 3) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        listed = runs()
+        assert len(listed) == 3 and listed["reported-1"]["name"] == "reported", listed
+        assert listed["reported-1"]["epochs"] == 3 and listed["reported-1"]["last_step"] == 30
+        assert listed["reported-1"]["status"] == "finished" and listed["reported-1"]["folder"].endswith("reported")
+        copied = next(r for r in listed.values() if r["name"] == "reported-copy")
+        assert copied["run_id"] != "reported-1" and copied["folder"].endswith("reported-copy")
+        folder_only = next(r["run_id"] for r in listed.values() if r["name"] == "folder-only")
+        for run_id in ("reported-1", folder_only):
+            assert http(srv.url, "DELETE", f"/api/runs/{run_id}")[0] == 200
+        append_lines(root / "folder-only" / "steps.csv", "31,4,0.5,0.1")  # news in the folder: still deleted
+        time.sleep(0.5)  # ten scans
+        assert set(runs()) == {copied["run_id"]}
+        # a run that starts again (a resume) comes back, and its folder fills it in again
+        assert http(srv.url, "POST", "/api/runs", {"run_id": "reported-1", "name": "reported"})[0] == 201
+        deadline = time.monotonic() + 10
+        while runs()["reported-1"]["epochs"] != 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runs()["reported-1"]["epochs"] == 3 and folder_only not in runs()
+
+
 # ---------------------------------------------------------------- the page, in a real browser
 
 @pytest.fixture(scope="module")
@@ -652,54 +1037,121 @@ def fake_epoch(epoch, offset=0.0):
             "epoch_time": 1.5, "val_mae": 0.5 / epoch}
 
 
-def test_page_shows_a_run_live_in_a_real_browser(tmp_path, browser):
+def fake_steps(tracker, epoch, offset=0.0):
+    """The epoch's 20 step records, one every optimizer step."""
+    for step in range(20 * (epoch - 1) + 1, 20 * epoch + 1):
+        tracker.log_step(step, epoch, {"loss": 1.0 / (1 + step / 20) + offset, "lr": 0.1 * 0.9**(step / 20),
+                                       "grad_norm": 2.0 / epoch, "loss/mse": 0.5 / epoch, "ones": 1.0})
+
+
+DRAWN = """() => { const root = document.getElementById('charts'), charts = [...root.querySelectorAll('.chart')];
+                   return charts.length > 0 && charts.every(c => c.dataset.drawn === root.dataset.render); }"""
+
+
+def drawn_series(page, chart):
+    """{(run, name, level): points} handed to uPlot for a chart that has been drawn."""
+    page.wait_for_function(DRAWN, timeout=10_000)
+    found = json.loads(page.get_attribute(f'#charts .chart[data-chart="{chart}"]', "data-series"))
+    return {(s["run"], s["name"], s["level"]): s["points"] for s in found}
+
+
+def test_page_shows_runs_live_in_a_real_browser(tmp_path, browser):
+    """Step-level charts, overlays, the hyperparameter table, a CSV download, a run that exists only as a
+    folder (--runs), deleting (with and without the token), under the server's CSP, with no console error."""
     x = torch.rand(4, 8, 8)
     png = samples_png(x, x * 0.8, x, scale=4)
-    with running_server(tmp_path / "runs.sqlite") as srv:
-        main_run = DashboardTracker(srv.url, "seven epochs", run_id="seven")
-        main_run.store_init_configuration({"optimizer": {"name": "adamw", "lr": 0.001}})
-        for epoch in range(1, 8):
-            main_run.log({**fake_epoch(epoch), "samples_png": png}, step=epoch)
-        other = DashboardTracker(srv.url, "four epochs", run_id="four")
+    folder = run_folder(tmp_path / "runs" / "from-disk", epochs=3, steps=30,
+                        log="training finished after 3 epochs, 30 optimizer steps")
+    auth = dict(token="tok")
+    with running_server(tmp_path / "runs.sqlite", runs_dirs=[tmp_path / "runs"], scan_interval=0.2, **auth) as srv:
+        other = DashboardTracker(srv.url, "four epochs", run_id="four", **auth)
+        other.store_init_configuration({"optimizer": {"name": "adamw", "lr": 0.003}, "seed": 7})
         for epoch in range(1, 5):
+            fake_steps(other, epoch, offset=0.2)
             other.log(fake_epoch(epoch, offset=0.2), step=epoch)
         other.set_status("stopped_early")
         other.finish()
+        main_run = DashboardTracker(srv.url, "seven epochs", run_id="seven", **auth)  # the newest: shown first
+        main_run.store_init_configuration({"optimizer": {"name": "adamw", "lr": 0.001}, "seed": 7})
+        for epoch in range(1, 8):
+            fake_steps(main_run, epoch)
+            main_run.log({**fake_epoch(epoch), "samples_png": png}, step=epoch)
         assert main_run.flush(5)
 
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
         requests, errors = [], []
         page.on("request", lambda r: requests.append(r.url))
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("dialog", lambda d: d.accept())
         page.goto(srv.url + "/")
-        page.click('tr[data-run-id="seven"]')
-        train = '#chart-loss circle[data-run="seven"][data-series="train_loss"]'
-        page.wait_for_selector(train + '[data-epoch="7"]', timeout=10_000)
-        assert page.locator(train).count() == 7
-        assert page.locator('#chart-loss circle[data-series="val_loss"]').count() == 7
-        for chart in ("lr", "grad_norm", "samples_per_s", "val_mae"):
-            assert page.locator(f"#chart-{chart} circle[data-epoch]").count() == 7, chart
-        assert '"adamw"' in page.inner_text("#config")
-        assert page.inner_text("#run-status") == "running"
+        page.wait_for_selector('#detail[data-run-id="seven"]', timeout=10_000)
+        loss = drawn_series(page, "loss")
+        assert loss == {("seven", "loss", "step"): 140, ("seven", "train_loss", "epoch"): 7,
+                        ("seven", "val_loss", "epoch"): 7}
+        assert drawn_series(page, "lr") == {("seven", "lr", "step"): 140, ("seven", "lr", "epoch"): 7}
+        assert drawn_series(page, "loss/mse") == {("seven", "loss/mse", "step"): 140}
+        for chart in ("grad_norm", "samples_per_s", "val_mae"):
+            assert ("seven", chart, "epoch") in drawn_series(page, chart), chart
+        assert page.locator('#charts .chart[data-chart="ones"]').count() == 0  # constant: hidden, named below
+        assert "ones = 1" in page.inner_text("#constant-note")
+        assert page.locator("#charts canvas").count() >= 6
+        assert '"adamw"' in page.inner_text("#config") and page.inner_text("#run-status") == "running"
         page.wait_for_function("() => document.getElementById('samples').naturalWidth > 0", timeout=5000)
         assert page.eval_on_selector("#samples", "img => img.naturalWidth") == 3 * 8 * 4 + 4  # Chromium decoded it
 
-        main_run.log({**fake_epoch(8), "samples_png": png}, step=8)  # live: the next poll shows it
-        page.wait_for_selector(train + '[data-epoch="8"]', timeout=6000)
-        assert page.locator(train).count() == 8
+        fake_steps(main_run, 8)  # live: the next poll shows it
+        main_run.log({**fake_epoch(8), "samples_png": png}, step=8)
+        page.wait_for_function("""() => JSON.parse(document.querySelector('#charts .chart[data-chart="loss"]')
+                                   .dataset.series)[0].points === 160""", timeout=6000)
+
+        render = int(page.get_attribute("#charts", "data-render"))
+        page.eval_on_selector("#smoothing", "s => { s.value = '0.9'; s.dispatchEvent(new Event('input')); }")
+        page.wait_for_function(f"() => Number(document.getElementById('charts').dataset.render) > {render}")
+        assert drawn_series(page, "loss")[("seven", "loss", "step")] == 160  # smoothed, the same points
 
         page.check('input[data-overlay="four"]')
-        page.wait_for_selector('#chart-loss circle[data-run="four"]', timeout=5000)
-        assert page.locator('#chart-loss circle[data-run="four"][data-series="train_loss"]').count() == 4
+        page.wait_for_function("() => document.getElementById('charts').dataset.runs === 'seven,four'", timeout=5000)
+        assert drawn_series(page, "loss")[("four", "loss", "step")] == 80
         assert "stopped_early" in page.inner_text('tr[data-run-id="four"]')
+        # the hyperparameter table: what differs between the two, and their final metrics
+        assert [h.inner_text() for h in page.locator("#hparams th[data-param]").all()] == ["optimizer.lr"]
+        assert page.inner_text('#hparams tr[data-run-id="four"]').split("\t")[1:4] == ["0.003", "4", "80"]
+        assert "train_loss" in page.inner_text("#hparams thead")
+
+        # the run that exists only as a folder
+        disk = page.get_attribute('tr.run:has-text("from-disk")', "data-run-id", timeout=5000)
+        assert "finished" in page.inner_text(f'tr[data-run-id="{disk}"]')
+        page.click(f'tr[data-run-id="{disk}"]')
+        page.wait_for_selector(f'#detail[data-run-id="{disk}"]')
+        page.wait_for_function(f"() => document.getElementById('charts').dataset.runs.startsWith('{disk}')")
+        assert drawn_series(page, "loss")[(disk, "loss", "step")] == 30
+        assert folder.name in page.inner_text("#meta") and '"seed": 7' in page.inner_text("#config")
+
+        with page.expect_download() as download:
+            page.click("#csv-steps")
+        lines = Path(download.value.path()).read_text().splitlines()
+        assert lines[0] == "step,epoch,loss,lr" and len(lines) == 31 and lines[2] == f"2,1,{2.0 / 2!r},0.1"
+
+        # deleting needs the token: without it the page says so, with ?token= it is gone
+        page.click("#delete-run")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "missing token" in page.inner_text("#error") and "?token=" in page.inner_text("#error")
+        page.goto(srv.url + f"/?token=tok#run={disk}")
+        page.wait_for_selector(f'#detail[data-run-id="{disk}"]')
+        page.click("#delete-run")
+        page.wait_for_function(f"() => !document.querySelector('tr[data-run-id=\"{disk}\"]')", timeout=5000)
+        page.wait_for_selector('#detail[data-run-id="seven"]')  # the newest is shown again
+        time.sleep(0.5)  # scans of the folder: the run stays deleted
+        assert disk not in {r["run_id"] for r in http(srv.url, path="/api/runs")[2]["runs"]}
 
         main_run.set_status("finished")
         main_run.finish()
         page.wait_for_function("() => document.getElementById('run-status').textContent === 'finished'",
                                timeout=6000)
         page.close()
-    assert not errors, errors
+    # Chromium logs every answer of 400 or more; the one 401 is the delete without the token, asked for above.
+    assert errors == ["Failed to load resource: the server responded with a status of 401 (Unauthorized)"], errors
     outside = [u for u in requests if not u.startswith(srv.url)]
     assert not outside, f"the page loaded something from elsewhere: {outside}"
 

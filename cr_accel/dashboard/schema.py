@@ -4,13 +4,19 @@ POST /api/runs                  start (or re-start: idempotent upsert)
     {"run_id": str, "name": str,                       required; run_id matches RUN_ID_PATTERN
      "config": object|null, "info": object|null,       optional: the resolved config; anything else
      "world_size": int>=1|null, "device": str|null,    optional
-     "epochs_done": int>=0|null}                       optional: a resumed run's finished epochs; the
+     "epochs_done": int>=0|null,                       optional: a resumed run's finished epochs; the
                                                        server forgets the run's epochs after it
+     "steps_done": int>=0|null}                        optional: a resumed run's last optimizer step; the
+                                                       server forgets the run's step records after it
 POST /api/runs/<run_id>/epochs  one epoch (idempotent by (run_id, epoch): a re-send replaces the row)
     {"epoch": int>=1,                                  required, 1-based
      "step": int>=0|null,                              optional: optimizer steps so far
      "metrics": {name: number|null},                   required (may be empty); null = NaN/inf
      "samples_png": str|null}                          optional: base64 of a PNG (the latest is kept)
+POST /api/runs/<run_id>/steps   step records, a batch of 1 to MAX_STEP_RECORDS (idempotent by (run_id, step))
+    {"steps": [{"step": int>=1,                        required: the global optimizer step
+                "epoch": int>=1,                       required, 1-based
+                "metrics": {name: number|null}}, ...]} required (may be empty); null = NaN/inf
 POST /api/runs/<run_id>/end     how the run ended
     {"status": one of END_STATUSES, "message": str|null}
 
@@ -27,13 +33,15 @@ from urllib.parse import urlsplit
 
 RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _RUN_ID = re.compile(RUN_ID_PATTERN)
-START_FIELDS = ("config", "info", "world_size", "device", "epochs_done")  # besides run_id and name
+START_FIELDS = ("config", "info", "world_size", "device", "epochs_done", "steps_done")  # besides run_id and name
 END_STATUSES = ("finished", "failed", "preempted", "stopped_early")
 MAX_BODY_BYTES = 4 * 2**20
 MAX_EPOCH = 2**31 - 1
 MAX_STEP = 2**63 - 1
-_MAX_NAME = 200
-_MAX_METRICS = 1000
+MAX_NAME = 200
+MAX_METRICS = 1000
+MAX_STEP_RECORDS = 5000  # per POST .../steps: the tracker sends a few hundred; the folder importer 5000
+_MAX_RECORD_ERRORS = 5  # a batch with many bad records names the first few
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -70,19 +78,21 @@ def check_start(body):
     name = body.get("name")
     if "name" not in body:
         errors.append("`name` is required")
-    elif not isinstance(name, str) or not name.strip() or len(name) > _MAX_NAME:
-        errors.append(f"`name` must be a non-empty string of at most {_MAX_NAME} characters; got {_show(name)}")
+    elif not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
+        errors.append(f"`name` must be a non-empty string of at most {MAX_NAME} characters; got {_show(name)}")
     for key in ("config", "info"):
         if body.get(key) is not None and not isinstance(body[key], dict):
             errors.append(f"`{key}` must be a JSON object or null; got {type_name(body[key])}")
     _optional_int(body, "world_size", 1, 2**31 - 1, errors)
     _optional_int(body, "epochs_done", 0, MAX_EPOCH, errors)
+    _optional_int(body, "steps_done", 0, MAX_STEP, errors)
     device = body.get("device")
-    if device is not None and (not isinstance(device, str) or len(device) > _MAX_NAME):
-        errors.append(f"`device` must be a string of at most {_MAX_NAME} characters or null; got {_show(device)}")
+    if device is not None and (not isinstance(device, str) or len(device) > MAX_NAME):
+        errors.append(f"`device` must be a string of at most {MAX_NAME} characters or null; got {_show(device)}")
     _raise(errors)
     return {"run_id": run_id, "name": name, "config": body.get("config"), "info": body.get("info"),
-            "world_size": body.get("world_size"), "device": device, "epochs_done": body.get("epochs_done")}
+            "world_size": body.get("world_size"), "device": device, "epochs_done": body.get("epochs_done"),
+            "steps_done": body.get("steps_done")}
 
 
 def check_epoch(body):
@@ -95,28 +105,7 @@ def check_epoch(body):
     elif not _is_int(epoch) or not 1 <= epoch <= MAX_EPOCH:
         errors.append(f"`epoch` must be an integer from 1 to {MAX_EPOCH} (1-based); got {_show(epoch)}")
     _optional_int(body, "step", 0, MAX_STEP, errors)
-    metrics = {}
-    raw = body.get("metrics")
-    if "metrics" not in body:
-        errors.append("`metrics` is required (an object of name: number; {} for none)")
-    elif not isinstance(raw, dict):
-        errors.append(f"`metrics` must be an object of name: number; got {type_name(raw)}")
-    elif len(raw) > _MAX_METRICS:
-        errors.append(f"`metrics` has {len(raw)} entries; at most {_MAX_METRICS}")
-    else:
-        for name, value in raw.items():
-            if not name or len(name) > _MAX_NAME:
-                errors.append(f"metric name {_show(name)} must be 1-{_MAX_NAME} characters")
-            elif value is None:
-                metrics[name] = None
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                try:
-                    number = float(value)
-                except OverflowError:
-                    number = math.inf
-                metrics[name] = number if math.isfinite(number) else None
-            else:
-                errors.append(f"metric `{name}` must be a number or null; got {_show(value)}")
+    metrics = _check_metrics(body, errors)
     png = None
     encoded = body.get("samples_png")
     if encoded is not None:
@@ -132,6 +121,68 @@ def check_epoch(body):
                     errors.append("`samples_png` does not decode to a PNG image")
     _raise(errors)
     return epoch, body.get("step"), metrics, png
+
+
+def check_steps(body):
+    """[(step, epoch, metrics as {str: float|None}), ...] in the order sent; raises ValidationError naming
+    the first few bad records by their index."""
+    errors = []
+    _only(body, ("steps",), errors)
+    raw = body.get("steps")
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_STEP_RECORDS:
+        got = f"{len(raw)} records" if isinstance(raw, list) else _show(raw)
+        errors.append(f"`steps` must be an array of 1 to {MAX_STEP_RECORDS} step records; got {got}")
+        _raise(errors)
+    records, bad = [], 0
+    for i, record in enumerate(raw):
+        problems = []
+        if not isinstance(record, dict):
+            problems.append(f"must be an object {{step, epoch, metrics}}; got {type_name(record)}")
+        else:
+            _only(record, ("step", "epoch", "metrics"), problems)
+            step, epoch = record.get("step"), record.get("epoch")
+            if not _is_int(step) or not 1 <= step <= MAX_STEP:
+                problems.append(f"`step` must be an integer from 1 to {MAX_STEP}; got {_show(step)}")
+            if not _is_int(epoch) or not 1 <= epoch <= MAX_EPOCH:
+                problems.append(f"`epoch` must be an integer from 1 to {MAX_EPOCH} (1-based); got {_show(epoch)}")
+            metrics = _check_metrics(record, problems)
+            if not problems:
+                records.append((step, epoch, metrics))
+        if problems:
+            bad += 1
+            if bad <= _MAX_RECORD_ERRORS:
+                errors.append(f"steps[{i}]: " + "; ".join(problems))
+    if bad > _MAX_RECORD_ERRORS:
+        errors.append(f"... {bad} bad records in all")
+    _raise(errors)
+    return records
+
+
+def _check_metrics(body, errors):
+    """body["metrics"] as {name: float|None} (NaN/inf as None); problems appended to `errors`."""
+    metrics = {}
+    raw = body.get("metrics")
+    if "metrics" not in body:
+        errors.append("`metrics` is required (an object of name: number; {} for none)")
+    elif not isinstance(raw, dict):
+        errors.append(f"`metrics` must be an object of name: number; got {type_name(raw)}")
+    elif len(raw) > MAX_METRICS:
+        errors.append(f"`metrics` has {len(raw)} entries; at most {MAX_METRICS}")
+    else:
+        for name, value in raw.items():
+            if not name or len(name) > MAX_NAME:
+                errors.append(f"metric name {_show(name)} must be 1-{MAX_NAME} characters")
+            elif value is None:
+                metrics[name] = None
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                try:
+                    number = float(value)
+                except OverflowError:
+                    number = math.inf
+                metrics[name] = number if math.isfinite(number) else None
+            else:
+                errors.append(f"metric `{name}` must be a number or null; got {_show(value)}")
+    return metrics
 
 
 def check_end(body):

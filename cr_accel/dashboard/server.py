@@ -1,32 +1,38 @@
 """`cr-accel dashboard`: a small HTTP server (standard library only) that stores runs and shows them live.
 
     cr-accel dashboard --db runs.sqlite            # then open http://127.0.0.1:8765
+    cr-accel dashboard --runs runs/                # also show every run folder under runs/ (folders.py)
     server = make_server("127.0.0.1", 0, "runs.sqlite", token="s3cret")   # in tests: any free port
     threading.Thread(target=server.serve_forever, daemon=True).start(); ...; server.shutdown()
 
 API (JSON in and out; message fields in schema.py):
-    GET  /                              the page
-    GET  /api/runs                      every run, newest first, with its last epoch's metrics
+    GET  /                              the page (its script and uPlot under /static/, see assets.py)
+    GET  /api/runs                      every run, newest first, with its last epoch's metrics and last step
     GET  /api/runs/<id>                 one run with its config
     GET  /api/runs/<id>/epochs[?after=N]  its epochs (after epoch N)
+    GET  /api/runs/<id>/steps?max_points=N[&after=S]  its step records after step S, downsampled on the
+                                        server to at most N points per series (step_store.py)
+    GET  /api/runs/<id>/metrics.csv     its epochs as a CSV download (export.py)
+    GET  /api/runs/<id>/steps.csv       its step records as a CSV download
     GET  /api/runs/<id>/samples.png     the latest sample picture
     POST /api/runs                      start a run          (token required when the server has one)
     POST /api/runs/<id>/epochs          one epoch's metrics  (token required when the server has one)
+    POST /api/runs/<id>/steps           step records         (token required when the server has one)
     POST /api/runs/<id>/end             how it ended         (token required when the server has one)
+    DELETE /api/runs/<id>               remove the run       (token required when the server has one)
 
 Writes need `Authorization: Bearer <token>` when --token is set; reads stay open, so the page needs no
 login: the server listens on 127.0.0.1 unless told otherwise, and what it shows is training curves.
 Writes also need `Content-Type: application/json`, which a web page from another site cannot send
-without the browser asking first (and this server never says yes), so a page cannot post fake runs.
+without the browser asking first (and this server never says yes), so a page cannot post fake runs; nor
+can it send a DELETE, which always needs that preflight.
 Bad input is answered with a 4xx and {"ok": false, "error": "..."}; the server keeps serving. A client
 that stalls mid-request gets 408 after `request_timeout` seconds (default 5), its thread freed.
 Every response carries security headers (`SECURITY_HEADERS`, and a Content-Security-Policy that allows
-the page's own inline script by its hash, requests to this server only, and no framing).
+scripts from this server only, requests to this server only, and no framing: assets.py).
 """
 
 import argparse
-import base64
-import hashlib
 import hmac
 import json
 import logging
@@ -39,10 +45,10 @@ import time
 import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from . import schema
+from . import assets, export, schema
 from .store import RunStore, StoreError
 
 logger = logging.getLogger("cr_accel.dashboard.server")
@@ -51,6 +57,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 TOKEN_ENV = "CR_ACCEL_DASHBOARD_TOKEN"
 DEFAULT_REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request line, headers or body
+DEFAULT_SCAN_INTERVAL = 2.0  # seconds between two looks at the run folders (--runs); the page polls as often
+DEFAULT_MAX_POINTS = 2000
+MAX_POINTS = 100_000
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",  # a PNG or JSON answer is never run as a script or page
     "Referrer-Policy": "no-referrer",
@@ -62,9 +71,13 @@ _RUN = rf"/api/runs/(?P<run_id>{schema.RUN_ID_PATTERN})"
 _ROUTES = [
     (re.compile(r"/"), {"GET": "page"}),
     (re.compile(r"/index\.html"), {"GET": "page"}),
+    (re.compile(r"/static/(?P<name>[A-Za-z0-9._-]+)"), {"GET": "static"}),
     (re.compile(r"/api/runs"), {"GET": "list_runs", "POST": "start_run"}),
-    (re.compile(_RUN), {"GET": "get_run"}),
+    (re.compile(_RUN), {"GET": "get_run", "DELETE": "delete_run"}),
     (re.compile(_RUN + r"/epochs"), {"GET": "get_epochs", "POST": "add_epoch"}),
+    (re.compile(_RUN + r"/steps"), {"GET": "get_steps", "POST": "add_steps"}),
+    (re.compile(_RUN + r"/metrics\.csv"), {"GET": "metrics_csv"}),
+    (re.compile(_RUN + r"/steps\.csv"), {"GET": "steps_csv"}),
     (re.compile(_RUN + r"/end"), {"POST": "end_run"}),
     (re.compile(_RUN + r"/samples\.png"), {"GET": "get_samples"}),
 ]
@@ -83,10 +96,16 @@ class DashboardServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address, store, token=None, verbose=False, max_body=schema.MAX_BODY_BYTES,
-                 request_timeout=DEFAULT_REQUEST_TIMEOUT):
+                 request_timeout=DEFAULT_REQUEST_TIMEOUT, runs_dirs=(), scan_interval=DEFAULT_SCAN_INTERVAL):
         self.store, self.token, self.verbose, self.max_body = store, token or None, verbose, max_body
         self.request_timeout = float(request_timeout)
+        self.folders = None
         super().__init__(address, Handler)
+        if runs_dirs:  # after the bind: a busy port leaves no thread behind
+            from .folders import FolderWatcher
+
+            self.folders = FolderWatcher(store, runs_dirs, scan_interval)
+            self.folders.start()
 
     @property
     def url(self):
@@ -100,6 +119,8 @@ class DashboardServer(ThreadingHTTPServer):
 
     def server_close(self):
         super().server_close()
+        if self.folders:
+            self.folders.stop()
         self.store.close()
 
 
@@ -116,7 +137,7 @@ class Handler(BaseHTTPRequestHandler):
         # Every response, including the ones http.server makes itself (send_error: bad request lines).
         for key, value in SECURITY_HEADERS.items():
             self.send_header(key, value)
-        self.send_header("Content-Security-Policy", content_security_policy())
+        self.send_header("Content-Security-Policy", assets.CONTENT_SECURITY_POLICY)
         super().end_headers()
 
     def do_GET(self):
@@ -154,6 +175,12 @@ class Handler(BaseHTTPRequestHandler):
                 self._check_token()
                 body = self._read_json()
                 handler(body, **params)
+            elif method == "DELETE":
+                self._check_token()
+                if self.headers.get("Content-Length", "0").strip() not in ("", "0") or self.headers.get(
+                        "Transfer-Encoding"):
+                    self.close_connection = True  # a body is not read: the connection cannot be reused
+                handler(**params)
             else:
                 handler(_query(url.query), **params)
         except HTTPError as exc:
@@ -244,7 +271,13 @@ class Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------ reads
 
     def _page(self, query):
-        self._send(page_html(), "text/html; charset=utf-8")
+        self._send(assets.page_html(), "text/html; charset=utf-8")
+
+    def _static(self, query, name):
+        found = assets.static_file(name)
+        if found is None:
+            raise HTTPError(404, f"no such file: /static/{name}")
+        self._send(*found)
 
     def _list_runs(self, query):
         self._send_json({"ok": True, "now": time.time(), "runs": self.server.store.list_runs()})
@@ -263,6 +296,30 @@ class Handler(BaseHTTPRequestHandler):
         if epochs is None:
             raise _unknown_run(run_id)
         self._send_json({"ok": True, "run_id": run_id, "epochs": epochs})
+
+    def _get_steps(self, query, run_id):
+        max_points = _int_query(query, "max_points", DEFAULT_MAX_POINTS, 4, MAX_POINTS)
+        after = _int_query(query, "after", 0, 0, schema.MAX_STEP)
+        steps = self.server.store.get_steps(run_id, max_points, after)
+        if steps is None:
+            raise _unknown_run(run_id)
+        self._send_json({"ok": True, "run_id": run_id, "max_points": max_points, "after": after, **steps})
+
+    def _metrics_csv(self, query, run_id):
+        epochs = self.server.store.get_epochs(run_id)
+        if epochs is None:
+            raise _unknown_run(run_id)
+        self._send_csv(export.epochs_csv(epochs), f"{run_id}-metrics.csv")
+
+    def _steps_csv(self, query, run_id):
+        records = self.server.store.step_rows(run_id)
+        if records is None:
+            raise _unknown_run(run_id)
+        self._send_csv(export.steps_csv(records), f"{run_id}-steps.csv")
+
+    def _send_csv(self, data, filename):
+        # The run id pattern allows no quote or space: the file name needs no escaping.
+        self._send(data, "text/csv; charset=utf-8", headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     def _get_samples(self, query, run_id):
         found = self.server.store.get_samples(run_id)
@@ -287,6 +344,17 @@ class Handler(BaseHTTPRequestHandler):
             raise _unknown_run(run_id)
         self._send_json({"ok": True, "run_id": run_id, "epoch": epoch})
 
+    def _add_steps(self, body, run_id):
+        records = _checked(schema.check_steps, body)
+        if not self.server.store.add_steps(run_id, records):
+            raise _unknown_run(run_id)
+        self._send_json({"ok": True, "run_id": run_id, "steps": len(records)})
+
+    def _delete_run(self, run_id):
+        if not self.server.store.delete_run(run_id):
+            raise HTTPError(404, f"unknown run `{run_id}`")
+        self._send_json({"ok": True, "run_id": run_id, "deleted": True})
+
     def _end_run(self, body, run_id):
         status, message = _checked(schema.check_end, body)
         if not self.server.store.end_run(run_id, status, message):
@@ -309,36 +377,24 @@ def _query(text):
     return {k: v[-1] for k, v in parse_qs(text, keep_blank_values=True).items()}
 
 
-_page_cache: dict[str, bytes] = {}
-
-
-def page_html():
-    """The page's bytes (a static file in this package), read once."""
-    if "page" not in _page_cache:
-        _page_cache["page"] = resources.files(__package__).joinpath("static/index.html").read_bytes()
-    return _page_cache["page"]
-
-
-def content_security_policy():
-    """The page's policy: its one inline script by sha256 (computed from the file, so an edited page keeps
-    working), inline styles (the page sets colours in style attributes), images and fetch() from this server
-    only, nothing else; no framing, no forms, no <base>."""
-    if "csp" not in _page_cache:
-        scripts = re.findall(rb"<script>(.*?)</script>", page_html(), re.S)
-        hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'" for s in scripts)
-        _page_cache["csp"] = (f"default-src 'none'; script-src {hashes or repr('none')}; "
-                              "style-src 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
-                              "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-    return _page_cache["csp"]
+def _int_query(query, key, default, low, high):
+    text = query.get(key)
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise HTTPError(400, f"query `{key}` must be an integer from {low} to {high}, got {text!r}")
+    return int(text)
 
 
 def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, db_path="runs.sqlite", token=None, verbose=False,
-                request_timeout=DEFAULT_REQUEST_TIMEOUT):
+                request_timeout=DEFAULT_REQUEST_TIMEOUT, runs_dirs=(), scan_interval=DEFAULT_SCAN_INTERVAL):
     """A ready DashboardServer (socket bound; port 0 picks a free one, see `.url`). Call serve_forever().
-    `request_timeout`: seconds a client may stall mid-request before it gets 408 (or is dropped)."""
+    `request_timeout`: seconds a client may stall mid-request before it gets 408 (or is dropped).
+    `runs_dirs`: folders whose run folders are read into the store too, every `scan_interval` seconds."""
     store = RunStore(db_path)
     try:
-        return DashboardServer((host, port), store, token=token, verbose=verbose, request_timeout=request_timeout)
+        return DashboardServer((host, port), store, token=token, verbose=verbose, request_timeout=request_timeout,
+                               runs_dirs=runs_dirs, scan_interval=scan_interval)
     except BaseException:
         store.close()
         raise
@@ -356,6 +412,9 @@ def parser(prog="cr-accel dashboard"):
                    help=f"require `Authorization: Bearer TOKEN` on writes (default: ${TOKEN_ENV}, else none)")
     p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT, metavar="S",
                    help="seconds a client may stall mid-request before it gets 408 (default %(default)s)")
+    p.add_argument("--runs", action="append", default=[], metavar="DIR",
+                   help="also show the run folders under DIR (any folder holding a metrics.csv or steps.csv), "
+                        f"re-read every {DEFAULT_SCAN_INTERVAL:g} s as they grow; repeatable")
     p.add_argument("--verbose", action="store_true", help="log every request on stderr")
     return p
 
@@ -373,9 +432,13 @@ def main(argv=None):
     if not args.request_timeout > 0:
         print(f"error: --request-timeout must be more than 0 seconds, got {args.request_timeout}", file=sys.stderr)
         return 2
+    missing = [d for d in args.runs if not Path(d).is_dir()]
+    if missing:
+        print(f"error: --runs {missing[0]}: no such folder", file=sys.stderr)
+        return 2
     try:
         server = make_server(args.host, args.port, args.db, token=args.token, verbose=args.verbose,
-                             request_timeout=args.request_timeout)
+                             request_timeout=args.request_timeout, runs_dirs=args.runs)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -386,7 +449,9 @@ def main(argv=None):
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         print(f"warning: listening on {args.host} without --token: anyone who can reach it can post runs",
               file=sys.stderr)
-    print(f"cr_accel dashboard on {server.url} (database {args.db}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    folders = f"; run folders under {', '.join(args.runs)}" if args.runs else ""
+    print(f"cr_accel dashboard on {server.url} (database {args.db}{folders}); Ctrl-C to stop", file=sys.stderr,
+          flush=True)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # `kill`, a scheduler stopping the job: close the file cleanly
     try:

@@ -5,16 +5,19 @@
     accelerator = Accelerator(log_with=[tracker])
     accelerator.init_trackers("cr_accel", config=cfg.to_dict())       # start message (with the config)
     accelerator.log({"epoch": 1, "train_loss": 0.3, ...}, step=1)     # one epoch message
+    tracker.log_step(50, 1, {"loss": 0.41, "lr": 1e-3})               # one step record
     tracker.set_status("finished"); accelerator.end_training()        # end message, flushed for <= 3 s
 
-How it stays out of the way: `log()` only converts the values and appends them to an in-memory queue.
-A daemon thread sends the queue in order, one message at a time, each with a short timeout. While the
-dashboard is down, slow, or answers errors or garbage, the messages wait and are retried with backoff
-(one warning line when it becomes unreachable, one when it is back), so the history has no holes. The
-queue is bounded: past `max_pending`, the oldest epoch messages are dropped (never the start message),
-and only the newest pending message keeps its samples picture (the dashboard shows only the latest).
-`finish()` waits at most `finish_timeout` seconds to flush, then gives up without raising. No method
-raises into the training loop.
+How it stays out of the way: `log()` and `log_step()` only convert the values and append them to an
+in-memory queue. A daemon thread sends the queue in order, each request with a short timeout; consecutive
+step records go together, up to `max_step_batch` in one request. While the dashboard is down, slow, or
+answers errors or garbage, the messages wait and are retried with backoff (one notice when it becomes
+unreachable, one when it is back), so the history has no holes. The queue is bounded: past `max_pending`,
+the oldest step records are dropped first, then the oldest epochs (never the start message), and only the
+newest pending epoch keeps its samples picture (the dashboard shows only the latest). `finish()` waits at
+most `finish_timeout` seconds to flush (not at all when the dashboard never answered), then gives up
+without raising. No method raises into the training loop. The notices go to `report` (the trainer's
+train.log) when given, else to the `cr_accel.dashboard` logger.
 
 Only the main process constructs it (the trainer's job), so it never looks at ranks.
 """
@@ -31,19 +34,23 @@ from urllib.parse import urlsplit
 
 from accelerate.tracking import GeneralTracker
 
-from .schema import (END_STATUSES, MAX_BODY_BYTES, SKIP, START_FIELDS, check_url, metric_value, new_run_id,
-                     plain_json, valid_run_id)
+from .schema import (END_STATUSES, MAX_BODY_BYTES, MAX_EPOCH, MAX_METRICS, MAX_NAME, MAX_STEP, SKIP, START_FIELDS,
+                     check_url, metric_value, new_run_id, plain_json, valid_run_id)
 
 logger = logging.getLogger("cr_accel.dashboard")
 
 _RUN_ID_FILE = "dashboard_run_id"
 
 
+_ONLY_FIRST_START = ("epochs_done", "steps_done")  # start fields that only the first start may carry
+
+
 class _Message:
-    __slots__ = ("kind", "path", "payload", "png", "restarts")
+    __slots__ = ("kind", "path", "payload", "png", "restarts", "encoded")
 
     def __init__(self, kind, path, payload, png=None):
         self.kind, self.path, self.payload, self.png, self.restarts = kind, path, payload, png, 0
+        self.encoded = None  # a step record's JSON, made once by the sender thread
 
 
 class DashboardTracker(GeneralTracker):
@@ -52,12 +59,14 @@ class DashboardTracker(GeneralTracker):
 
     def __init__(self, url, run_name, token=None, run_id=None, timeout=2.0, max_pending=10000,
                  finish_timeout=3.0, start_info=None, retry_initial=0.5, retry_max=10.0,
-                 max_body=MAX_BODY_BYTES):
+                 max_body=MAX_BODY_BYTES, report=None, max_step_batch=500):
         """`url`: the dashboard's address (http or https, e.g. http://127.0.0.1:8765).
         `run_id`: letters, digits, '.', '_', '-' (default: the name, the time and a random suffix; see
         `run_id_for` to keep one id across a resumed run). `start_info`: extra start-message fields:
-        config, info, world_size, device, epochs_done. `timeout`: seconds per request; `retry_initial`
-        and `retry_max`: the backoff between tries while the dashboard is unreachable.
+        config, info, world_size, device, epochs_done, steps_done. `timeout`: seconds per request;
+        `retry_initial` and `retry_max`: the backoff between tries while the dashboard is unreachable.
+        `report`: called with each notice (unreachable, back, left out) as one line of text, from any
+        thread; default: the `cr_accel.dashboard` logger's warning. `max_step_batch`: step records per request.
         Raises ValueError for a malformed url or run_id (before training, when the config is checked).
         """
         super().__init__()
@@ -79,16 +88,20 @@ class DashboardTracker(GeneralTracker):
         self.timeout, self.finish_timeout = float(timeout), float(finish_timeout)
         self.max_pending, self.max_body = max(2, int(max_pending)), int(max_body)
         self.retry_initial, self.retry_max = float(retry_initial), float(retry_max)
+        self.max_step_batch = max(1, int(max_step_batch))
+        self._report = report
         self._start_payload = {"run_id": self.run_id, "name": self.run_name, **plain_json(start_info or {})}
         self.status = None
         self.sent = 0  # messages delivered
         self.dropped = 0  # messages given up on: queue bound, rejected by the server, or left at finish()
         self._queue = collections.deque()
         self._cond = threading.Condition()
-        self._in_flight = None
+        self._in_flight = set()  # messages on their way: never dropped or changed meanwhile
         self._thread = None
         self._started = self._finished = self._closing = self._hurry = False
         self._down = False
+        self._answered = False  # any HTTP answer from the dashboard at all, during the whole run
+        self._tries = 0  # tries that have ended, answered or not
         self._last_epoch = 0
         self._said = set()  # one-off warnings already given
 
@@ -116,16 +129,22 @@ class DashboardTracker(GeneralTracker):
             values = {**values, "samples_png": samples_png}
         self._guard(self._log, values, step)
 
+    def log_step(self, step, epoch, metrics):
+        """Queue one step record (`step`: the global optimizer step, `epoch`: 1-based); returns at once.
+        Numbers (and 0-d tensors) in `metrics` are sent, NaN/inf as null, anything else left out."""
+        self._guard(self._log_step, step, epoch, metrics)
+
     def set_start_info(self, **fields):
-        """More start-message fields (config, info, world_size, device, epochs_done), known after
-        construction: call before init_trackers to send them with the start. Later calls send an update
-        (without epochs_done, which only the first start may carry). Raises ValueError for unknown keys."""
+        """More start-message fields (config, info, world_size, device, epochs_done, steps_done), known
+        after construction: call before init_trackers to send them with the start. Later calls send an
+        update (without epochs_done and steps_done, which only the first start may carry). Raises
+        ValueError for unknown keys."""
         _check_start_info(fields)
         fields = plain_json(fields)
         if not self._started:
             self._start_payload = {**self._start_payload, **fields}
         else:
-            self._guard(self._update_start, {k: v for k, v in fields.items() if k != "epochs_done"})
+            self._guard(self._update_start, {k: v for k, v in fields.items() if k not in _ONLY_FIRST_START})
 
     def set_status(self, status):
         """How the run ended, sent by finish(): finished, failed, preempted or stopped_early."""
@@ -136,7 +155,8 @@ class DashboardTracker(GeneralTracker):
                                                  f"one of {', '.join(END_STATUSES)}")
 
     def finish(self):
-        """Queue the end message and wait at most `finish_timeout` s for the queue to drain. Never raises."""
+        """Queue the end message and wait at most `finish_timeout` s for the queue to drain (not at all when
+        the dashboard never answered during the run: it is not there). Never raises."""
         self._guard(self._finish)
 
     # ------------------------------------------------------------ extras
@@ -149,13 +169,18 @@ class DashboardTracker(GeneralTracker):
 
     def flush(self, timeout=None):
         """Wait until every queued message is delivered or given up on; True if the queue is empty."""
-        deadline = time.monotonic() + (self.finish_timeout if timeout is None else timeout)
+        return self._drain(self.finish_timeout if timeout is None else timeout)
+
+    def _drain(self, timeout, unless_absent=False):
+        """flush(); `unless_absent`: stop as soon as a try has ended without any answer and none ever came
+        (nothing listens, or it hangs or is not HTTP): waiting for such a dashboard only delays the run."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._hurry = True
             self._cond.notify_all()
             while self._queue and self._thread is not None and self._thread.is_alive():
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or (unless_absent and self._tries and not self._answered):
                     break
                 self._cond.wait(left)
             self._hurry = False
@@ -219,9 +244,29 @@ class DashboardTracker(GeneralTracker):
         with self._cond:
             if png is not None:  # the dashboard keeps only the latest picture: older queued ones go
                 for msg in self._queue:
-                    if msg.kind == "epoch" and msg is not self._in_flight:
+                    if msg.kind == "epoch" and msg not in self._in_flight:
                         msg.png = None
             self._enqueue(_Message("epoch", f"/api/runs/{self.run_id}/epochs", payload, png))
+
+    def _log_step(self, step, epoch, metrics):
+        if self._finished:
+            return
+        step, epoch = metric_value(step), metric_value(epoch)
+        if not all(isinstance(v, float) and v.is_integer() for v in (step, epoch)) or not (
+                1 <= step <= MAX_STEP and 1 <= epoch <= MAX_EPOCH):
+            self._warn_once("step<1", f"cr_accel dashboard: step record (step {step}, epoch {epoch}) left out: "
+                                      "both are integers from 1")
+            return
+        values = {}
+        for key, value in metrics.items():
+            number, name = metric_value(value), str(key)
+            if number is not SKIP and 1 <= len(name) <= MAX_NAME and len(values) < MAX_METRICS:
+                values[name] = number
+        # Checked here, as the server checks it: one bad record would make it refuse its whole batch.
+        payload = {"step": int(step), "epoch": int(epoch), "metrics": values}
+        self._ensure_started()
+        with self._cond:
+            self._enqueue(_Message("steps", f"/api/runs/{self.run_id}/steps", payload))
 
     def _finish(self):
         self._ensure_started()
@@ -231,35 +276,44 @@ class DashboardTracker(GeneralTracker):
             self._finished = True
             end = {"status": self.status or "finished"}
             self._enqueue(_Message("end", f"/api/runs/{self.run_id}/end", end))
-        self.flush(self.finish_timeout)
+        self._drain(self.finish_timeout, unless_absent=True)
         with self._cond:
             self._closing = True  # the thread stops after its current try
             left = len(self._queue)
             if left:
                 self.dropped += left
                 self._queue.clear()
+            said_down, self._down = self._down, True  # the thread's try still on its way says nothing more
             self._cond.notify_all()
-        if left:
-            # INFO, not WARNING: the outage was already reported once; `dropped` has the count.
-            logger.info("cr_accel dashboard: %d message(s) not delivered to %s within %.1f s; left out",
-                        left, self.url, self.finish_timeout)
+        if not left:
+            return
+        if not said_down:  # the first try was still on its way: say once that the dashboard was not reached
+            self._notice(f"cr_accel dashboard: cannot deliver to {self.url}: no answer by the end of the run; "
+                         f"{left} message(s) left out")
+        else:  # INFO, not WARNING: the outage was already reported once; `dropped` has the count.
+            waited = f"within {self.finish_timeout:.1f} s" if self._answered else "(it never answered)"
+            self._notice(f"cr_accel dashboard: {left} message(s) not delivered to {self.url} {waited}; left out",
+                         logging.INFO)
 
     def _resent_start(self):
         """A start message sent again (config update, or a server that lost the run). Without
-        `epochs_done`: only the first start may tell the server to forget later epochs."""
-        payload = {k: v for k, v in self._start_payload.items() if k != "epochs_done"}
+        `epochs_done` and `steps_done`: only the first start may tell the server to forget later records."""
+        payload = {k: v for k, v in self._start_payload.items() if k not in _ONLY_FIRST_START}
         return _Message("start", "/api/runs", payload)
 
     def _enqueue(self, msg):
-        """Append (lock held); past the bound, drop the oldest epoch message that is not being sent."""
+        """Append (lock held); past the bound, drop the oldest step record, else the oldest epoch message,
+        that is not being sent: epochs (with the validation metrics) are worth more than step records."""
         self._queue.append(msg)
         if len(self._queue) > self.max_pending:
-            for old in self._queue:
-                if old.kind == "epoch" and old is not self._in_flight and old is not msg:
+            for kind in ("steps", "epoch"):
+                old = next((m for m in self._queue if m.kind == kind and m not in self._in_flight and m is not msg),
+                           None)
+                if old is not None:
                     self._queue.remove(old)
                     self.dropped += 1
                     self._warn_once("full", f"cr_accel dashboard: {self.max_pending} messages waiting for "
-                                            f"{self.url}; dropping the oldest epochs from now on")
+                                            f"{self.url}; dropping the oldest step records (then epochs) from now on")
                     break
         self._cond.notify_all()
 
@@ -273,54 +327,85 @@ class DashboardTracker(GeneralTracker):
                     self._cond.wait()
                 if self._closing:
                     return
-                msg = self._in_flight = self._queue[0]
+                batch = self._next_batch()
+                self._in_flight = set(batch)
+                msg = batch[0]
                 payload, png = msg.payload, msg.png
-            outcome, detail = self._deliver(msg, payload, png)
+            outcome, detail = self._deliver(batch, payload, png)
             with self._cond:
-                self._in_flight = None
+                self._in_flight = set()
+                self._tries += 1
+                # Decided under the lock, so that either this thread or finish() says it, never both.
+                say_down = outcome == "retry" and not self._down and not self._closing
+                self._down = self._down or outcome == "retry"
                 if outcome == "ok" and msg.payload is not payload:
                     pass  # changed while on its way (the config arrived): send the new version too
-                elif outcome in ("ok", "drop") and self._queue and self._queue[0] is msg:
-                    self._queue.popleft()
-                    if outcome == "ok":
-                        self.sent += 1
-                    else:
-                        self.dropped += 1
+                elif outcome in ("ok", "drop"):
+                    while self._queue and self._queue[0] in batch:
+                        self._queue.popleft()
+                        if outcome == "ok":
+                            self.sent += 1
+                        else:
+                            self.dropped += 1
                 elif outcome == "restart":  # the server does not know the run: send the start again first
                     msg.restarts += 1
                     self._queue.appendleft(self._resent_start())
                 self._cond.notify_all()
+            if say_down:
+                self._notice(f"cr_accel dashboard: cannot deliver to {self.url} ({detail}); training continues, "
+                             "metrics are kept and sent when it answers")
+            if self._closing:
+                return  # finish() has given up: whatever this try gave, nothing more is sent
             if outcome == "retry":
-                if not self._down:
-                    self._down = True
-                    logger.warning("cr_accel dashboard: cannot deliver to %s (%s); training continues, metrics "
-                                   "are kept and sent when it answers", self.url, detail)
                 with self._cond:
                     if not self._closing:
                         self._cond.wait(min(delay, 0.1) if self._hurry else delay)
                 delay = min(delay * 2, self.retry_max)
                 continue
             delay = self.retry_initial
-            if self._down and outcome != "retry":
+            if self._down:
                 self._down = False
-                logger.warning("cr_accel dashboard: reconnected to %s; sending %d waiting message(s)",
-                               self.url, self.pending)
+                self._notice(f"cr_accel dashboard: reconnected to {self.url}; sending {self.pending} waiting message(s)")
             if outcome == "drop":
                 self._warn_once(f"drop:{msg.kind}:{detail.split(':')[0]}",
                                 f"cr_accel dashboard: {self.url} rejected a {msg.kind} message ({detail}); left out")
 
-    def _deliver(self, msg, payload, png):
+    def _next_batch(self):
+        """The head message, or (lock held) the step records at the head of the queue: as many in a row as
+        fit in one request of at most `max_step_batch` records and `max_body` bytes."""
+        head = self._queue[0]
+        if head.kind != "steps":
+            return [head]
+        batch, size = [], 64
+        for msg in self._queue:
+            if msg.kind != "steps" or len(batch) == self.max_step_batch:
+                break
+            if msg.encoded is None:
+                msg.encoded = json.dumps(msg.payload, allow_nan=False, separators=(",", ":")).encode()
+            size += len(msg.encoded) + 1
+            if batch and size > self.max_body:
+                break
+            batch.append(msg)
+        return batch
+
+    def _deliver(self, batch, payload, png):
         """One try: ("ok" | "retry" | "drop" | "restart", detail). The detail quotes what the server sent,
         so it is made printable here, before any warning shows it."""
         try:
-            outcome, detail = self._try(msg, payload, png)
+            outcome, detail = self._try(batch, payload, png)
         except Exception as exc:  # not a network error: a bug or an odd value; the thread must not die
             outcome, detail = "retry", f"{type(exc).__name__}: {exc}"
         return outcome, printable(detail)
 
-    def _try(self, msg, payload, png):
+    def _try(self, batch, payload, png):
+        msg = batch[0]
         try:
-            body = self._encode(msg, payload, png)
+            if msg.kind == "steps":
+                body = b'{"steps":[' + b",".join(m.encoded for m in batch) + b"]}"
+                if len(body) > self.max_body:
+                    raise ValueError(f"a step record of {len(body)} bytes is over the limit of {self.max_body}")
+            else:
+                body = self._encode(msg, payload, png)
         except ValueError as exc:
             return "drop", str(exc)
         headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
@@ -331,6 +416,7 @@ class DashboardTracker(GeneralTracker):
         try:
             conn.request("POST", self._prefix + msg.path, body=body, headers=headers)
             resp = conn.getresponse()
+            self._answered = True
             status, text = resp.status, resp.read(65536)
         except (OSError, http.client.HTTPException) as exc:
             return "retry", _describe(exc)
@@ -365,7 +451,17 @@ class DashboardTracker(GeneralTracker):
     def _warn_once(self, key, message):
         if key not in self._said:
             self._said.add(key)
-            logger.warning(message)
+            self._notice(message)
+
+    def _notice(self, message, level=logging.WARNING):
+        """One line to `report`, else to the logger; never raises (a broken report must not stop sending)."""
+        if self._report is None:
+            logger.log(level, message)
+            return
+        try:
+            self._report(message)
+        except Exception:
+            logger.debug("cr_accel dashboard: the report function failed", exc_info=True)
 
 
 def _check_start_info(fields):
