@@ -527,7 +527,7 @@ def build_sinks(cfg: Config, accelerator: Any, log: TextLog) -> Sinks:
     if cfg.dashboard.enabled:
         from .sinks.dashboard import DashboardSink, dashboard_tracker
 
-        sinks.append(DashboardSink(dashboard_tracker(cfg, log), out, log))
+        sinks.append(DashboardSink(dashboard_tracker(cfg, log), out))
     return Sinks(sinks)
 
 

@@ -217,3 +217,39 @@ def test_a_classification_run_draws_its_confusion_matrix(tmp_path):
     accuracy = float(rows(out / "metrics.csv")[-1]["val_accuracy"])
     assert int(counts.diagonal().sum()) == round(accuracy * 30)
     assert Image.open(out / "samples/epoch_0002.png").size == (3 * 40, 3 * 40)  # 3 classes, 40-pixel cells
+
+
+def test_step_records_and_trainer_log_reach_the_dashboard(tmp_path):
+    """A real dashboard server: the step records (with loss terms and a callback's values) and the epoch records
+    arrive, as in the CSVs."""
+    import json
+    import threading
+    import urllib.request
+
+    from cr_accel.dashboard.server import make_server
+
+    server = make_server("127.0.0.1", 0, tmp_path / "runs.sqlite")
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    out = tmp_path / "run"
+    try:
+        cfg = config(out, training={"epochs": 2}, output={"trackers": [], "histograms_every": 0},
+                     dashboard={"enabled": True, "url": server.url})
+        Trainer(cfg, callbacks=[Logs()]).train()
+        run_id = (out / "dashboard_run_id").read_text().strip()
+
+        def get(path):
+            with urllib.request.urlopen(f"{server.url}/api/runs/{run_id}/{path}", timeout=5) as answer:
+                return json.loads(answer.read())
+
+        series = get("steps?max_points=1000")["series"]
+        epochs = get("epochs")["epochs"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    steps = rows(out / "steps.csv")
+    for name in ("loss", "loss/l1", "my_step_value"):
+        assert series[name]["step"] == [int(r["step"]) for r in steps], name
+        assert series[name]["value"] == pytest.approx([float(r[name]) for r in steps], rel=1e-9), name
+    assert [e["metrics"]["my_epoch_value"] for e in epochs] == [100.0, 101.0]
+    assert [e["metrics"]["val_loss/mse"] for e in epochs] == pytest.approx(
+        [float(r["val_loss/mse"]) for r in rows(out / "metrics.csv")], rel=1e-9)

@@ -290,10 +290,10 @@ class DashboardTracker(GeneralTracker):
         if not said_down:  # the first try was still on its way: say once that the dashboard was not reached
             self._notice(f"cr_accel dashboard: cannot deliver to {self.url}: no answer by the end of the run; "
                          f"{left} message(s) left out")
-        else:  # INFO, not WARNING: the outage was already reported once; `dropped` has the count.
-            waited = f"within {self.finish_timeout:.1f} s" if self._answered else "(it never answered)"
-            self._notice(f"cr_accel dashboard: {left} message(s) not delivered to {self.url} {waited}; left out",
-                         logging.INFO)
+        elif self._answered:  # INFO, not WARNING: the outage was already reported once; `dropped` has the count.
+            self._notice(f"cr_accel dashboard: {left} message(s) not delivered to {self.url} within "
+                         f"{self.finish_timeout:.1f} s; left out", logging.INFO)
+        # A dashboard that never answered: its one notice (unreachable) said it all; `dropped` has the count.
 
     def _resent_start(self):
         """A start message sent again (config update, or a server that lost the run). Without

@@ -21,10 +21,9 @@ def dashboard_tracker(cfg: Any, log: Any) -> Any:
 
 
 class DashboardSink(Sink):
-    def __init__(self, tracker: Any, output_dir: Any, log: Any) -> None:
+    def __init__(self, tracker: Any, output_dir: Any) -> None:
         self.tracker = tracker
         self.output_dir = output_dir
-        self.log = log
         self._png: bytes | None = None  # the epoch's picture, sent with its epoch record
 
     def start(self, run: RunStart) -> None:
@@ -52,7 +51,4 @@ class DashboardSink(Sink):
 
     def finish(self, status: str) -> None:
         self.tracker.set_status(status)
-        self.tracker.finish()
-        if self.tracker.dropped:
-            self.log.info(f"dashboard: {self.tracker.dropped} message(s) could not be delivered to "
-                          f"{self.tracker.url}", console=False)
+        self.tracker.finish()  # says itself (through `report`) what it could not deliver
