@@ -46,7 +46,7 @@ DEFAULT_RESOLVED = {
                    "mode": "min", "async_save": True},
     "output": {"dir": "runs/default", "log_file": "train.log", "metrics_file": "metrics.csv", "steps_file": "steps.csv",
                "trackers": [], "samples_every": 1, "histograms_every": 10},
-    "dashboard": {"enabled": False, "url": "http://127.0.0.1:8765", "token": None},
+    "dashboard": {"enabled": True, "url": "http://127.0.0.1:8765", "token": None},
     "seed": 42,
 }
 
