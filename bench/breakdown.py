@@ -156,14 +156,14 @@ def measure(workload_name, quick=False):
             stats._norms = [loss_value.clone() for _ in range(log_every)]
 
         def b_report():
-            tr._report_progress(0)
+            tr._log_step(0)
 
         metrics = {"epoch": 1, "train_loss": 2.3, "grad_norm": 1.2, "skipped_steps": 0, "step": 100,
                    "best_val": float("nan"), "lr": 1e-3, "samples_per_s": 1e4, "epoch_time": 0.5}
 
         def b_epoch_end():
             tr.stats.epoch_totals()
-            tr._log_epoch(metrics)
+            tr.sinks.log_epoch(metrics)
 
         # The benchmark's clock in B (a one-hook CallbackList) against A's inline time stamp.
         clock = CallbackList()
@@ -171,13 +171,12 @@ def measure(workload_name, quick=False):
 
         class StepClock(Callback):
             def on_step_end(self, trainer, state):
-                step = state.step
-                stamps[step] = time.monotonic()
+                stamps[state.step % len(stamps)] = time.monotonic()
 
         clock.add(StepClock())
 
-        def b_fire():
-            clock.fire(Event.ON_STEP_END, tr, 1, loss_value)
+        def b_fire():  # as the loop does it: the hook's TrainingState built, then the hook called
+            clock.fire(Event.ON_STEP_END, tr, tr._step_state(loss_value, None, loss_value))
 
         def a_stamp():
             stamps[1] = time.monotonic()
@@ -199,7 +198,7 @@ def measure(workload_name, quick=False):
             "clip_grad_norm_ (+ StepStats.add_grad_norm in B)": (b_clip, a_clip, 200, None),
             "StepStats.add_loss": (lambda: stats.add_loss(loss_value, 0), None, 200, None),
             "LR schedule step (B: StepSchedule, A: LambdaLR)": (tr.schedule.step, schedule.step, 200, None),
-            "progress report every 50 steps (StepStats.flush + print)": (b_report, None, 20, fill_stats),
+            "step record every 50 steps (StepStats.step_record, sinks, print)": (b_report, None, 20, fill_stats),
             "epoch end (epoch_totals, text log line, CSV row)": (b_epoch_end, None, 5, None),
             "time stamp per step (B: a callback's on_step_end; A: inline)": (b_fire, a_stamp, 1000, None),
         }, reps)
@@ -207,8 +206,9 @@ def measure(workload_name, quick=False):
 
         # Costs that do not fall on every epoch, reported per event.
         events = {}
-        for _ in range(300 - len(tr.csv._read()[0])):  # the CSV of a 300-epoch run (the default config)
-            tr.csv.append(metrics)
+        epochs_csv = next(sink.file for sink in tr.sinks.sinks if getattr(sink, "per", None) == "epoch")
+        for _ in range(300 - len(epochs_csv._read()[0])):  # the CSV of a 300-epoch run (the default config)
+            epochs_csv.append(metrics)
         events["CSV row + log line at epoch 300 (the CSV is read back whole on every append)"] = \
             _interleaved({"e": (b_epoch_end, None, 5, None)}, reps)["e"][0]
         tr.save_checkpoint(["last"])  # warm-up
@@ -217,7 +217,7 @@ def measure(workload_name, quick=False):
 
     per_step = {  # parts measured per epoch or per log interval
         "data loader (B: accelerate's DataLoaderShard, seedable sampler)": 1 / spe,
-        "progress report every 50 steps (StepStats.flush + print)": 1 / log_every,
+        "step record every 50 steps (StepStats.step_record, sinks, print)": 1 / log_every,
         "epoch end (epoch_totals, text log line, CSV row)": 1 / spe,
     }
     rows = [(name, b * per_step.get(name, 1.0), a * per_step.get(name, 1.0)) for name, (b, a) in parts.items()]

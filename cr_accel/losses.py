@@ -20,7 +20,7 @@ LOSSES = Registry("loss")
 
 def loss_and_terms(value):
     """(total, {name: term} or None) of what a loss returned: a tensor, or a mapping holding `loss`."""
-    if not isinstance(value, Mapping):
+    if isinstance(value, torch.Tensor) or not isinstance(value, Mapping):  # the tensor first: every step asks
         return value, None
     if "loss" not in value:
         raise TypeError(f"a loss that returns a mapping must hold its total under `loss`; it returned "
@@ -58,7 +58,11 @@ class Weighted(nn.Module):
 
     def forward(self, outputs, targets):
         values = {name: loss_and_terms(term(outputs, targets))[0] for name, term in self.terms.items()}
-        total = sum(self.weights[name] * value for name, value in values.items())
+        total = None
+        for name, value in values.items():  # no multiply for a weight of 1, no `0 +` to start: each op costs
+            weight = self.weights[name]
+            weighted = value if weight == 1.0 else weight * value
+            total = weighted if total is None else total + weighted
         return {"loss": total, **values}
 
 
