@@ -58,7 +58,9 @@ def _build(workload_name, out_dir):
     from cr_accel.config import config_from_dict
     from cr_accel.data import DATASETS, DatasetSplits
     from cr_accel.models import MODELS
+    from cr_accel.sinks import RunStart
     from cr_accel.trainer import Trainer
+    from variants import RECORDS_ENV, add_records
     from workloads import GRAD_CLIP, LR, WARMUP_RATIO, WEIGHT_DECAY, WORKLOADS, SmallCNN, cosine_with_warmup
 
     w = WORKLOADS[workload_name]
@@ -68,7 +70,7 @@ def _build(workload_name, out_dir):
     if w.model == "bench_cnn" and "bench_cnn" not in MODELS:
         MODELS.register("bench_cnn")(SmallCNN)
     epochs = 10_000  # never reached: epochs are run one by one below
-    cfg = config_from_dict({
+    raw = {
         "model": {"name": w.model, **w.model_kwargs},
         "loss": {"name": w.loss},
         "data": {"name": name, "batch_size": w.batch_size},
@@ -77,8 +79,13 @@ def _build(workload_name, out_dir):
         "training": {"epochs": epochs, "grad_clip": GRAD_CLIP, "eval_every": 1_000_000, "log_every": 50},
         "checkpoint": {"save_every": 1_000_000},  # timed on their own below
         "output": {"dir": out_dir},
-    })
-    trainer = Trainer(cfg)
+    }
+    if os.environ.get(RECORDS_ENV) == "1":  # bench/overhead.py --breakdown --records
+        add_records(raw, out_dir)
+    trainer = Trainer(config_from_dict(raw))
+    # What train() does before the first epoch (epochs are run one by one below): the sinks open their files,
+    # trackers and dashboard connection.
+    trainer.sinks.start(RunStart(config=trainer.cfg.to_dict(), world_size=1, device="cpu"))
     trainer.progress.interactive = False  # plain lines, as in the benchmark (stdout is a file there too)
 
     def hand_written():
@@ -176,7 +183,7 @@ def measure(workload_name, quick=False):
         clock.add(StepClock())
 
         def b_fire():  # as the loop does it: the hook's TrainingState built, then the hook called
-            clock.fire(Event.ON_STEP_END, tr, tr._step_state(loss_value, None, loss_value))
+            clock.fire(Event.ON_STEP_END, tr, tr._step_state(loss_value, None, loss_value, 1e-3))
 
         def a_stamp():
             stamps[1] = time.monotonic()

@@ -327,7 +327,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.breakdown:  # in a child, so that it runs with the benchmark's environment too
         cmd = [sys.executable, str(HERE / "breakdown.py"), ",".join(args.workloads)] + (["--quick"] if args.quick else [])
-        return subprocess.run(cmd, env={**os.environ, **BENCH_ENV}).returncode
+        env = {**os.environ, **BENCH_ENV, "CR_ACCEL_BENCH_RECORDS": "1" if args.records else "0"}
+        return subprocess.run(cmd, env=env).returncode
     global RECORDS
     RECORDS = args.records
     steps_for, results, loads = run_benchmark(args)

@@ -59,16 +59,22 @@ def run_hand_written(workload, steps, marks):
 
 
 RECORDS_ENV = "CR_ACCEL_BENCH_RECORDS"  # set by bench/overhead.py --records
+RECORD_PARTS_ENV = "CR_ACCEL_BENCH_RECORD_PARTS"  # a subset of loss,tensorboard,histograms,dashboard (default: all)
 
 
 def add_records(raw, workdir):
     """Everything the run can record, on: the loss as a `weighted` sum of one term (so each step logs a loss
     term), TensorBoard (step and epoch scalars), histograms of every weight and gradient every 2 epochs (inside
     the timed steps: the gradient copy at a histogram epoch's first step, the writing at its end), the dashboard
-    (pointed at a port where nothing listens: its thread keeps trying while training goes on)."""
-    raw["loss"] = {"name": "weighted", "terms": {raw["loss"]["name"]: 1.0}}
-    raw["output"].update(trackers=["tensorboard"], histograms_every=2)
-    raw["dashboard"] = {"enabled": True, "url": "http://127.0.0.1:9"}
+    (pointed at a port where nothing listens: its thread keeps trying while training goes on). Set
+    CR_ACCEL_BENCH_RECORD_PARTS to a subset (e.g. `loss,tensorboard`) to see what each part costs."""
+    which = os.environ.get(RECORD_PARTS_ENV, "loss,tensorboard,histograms,dashboard").split(",")
+    if "loss" in which:
+        raw["loss"] = {"name": "weighted", "terms": {raw["loss"]["name"]: 1.0}}
+    if "tensorboard" in which:
+        raw["output"].update(trackers=["tensorboard"], histograms_every=2 if "histograms" in which else 0)
+    if "dashboard" in which:
+        raw["dashboard"] = {"enabled": True, "url": "http://127.0.0.1:9"}
 
 
 def run_cr_accel(workload, steps, marks, workdir):

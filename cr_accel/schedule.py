@@ -85,6 +85,7 @@ class StepSchedule:
         self.step_count = 0
         self._time(num_training_steps, num_warmup_steps, knots=[])
         self._apply()
+        self.last_step_lr = optimizer.param_groups[0]["lr"]  # before any step: the first step's
 
     def _time(self, num_training_steps, num_warmup_steps, knots):
         if (num_training_steps, num_warmup_steps) != (getattr(self, "num_training_steps", None),
@@ -128,6 +129,7 @@ class StepSchedule:
         return self.factor(self.base_step(step))
 
     def step(self):
+        self.last_step_lr = self.optimizer.param_groups[0]["lr"]  # what the step just taken used (hooks read it)
         self.step_count += 1
         self._apply()
 

@@ -295,7 +295,8 @@ class Trainer(SavingMixin, ResumeMixin):
                 continue
             norm = self._optimizer_step(loss, terms)
             if step_listeners:
-                self.callbacks.fire(Event.ON_STEP_END, self, self._step_state(loss, terms, norm))
+                self.callbacks.fire(Event.ON_STEP_END, self, self._step_state(loss, terms, norm,
+                                                                              self.schedule.last_step_lr))
             if self.global_step % t.log_every == 0:
                 self._log_step(epoch)
             if save_every_steps and self.global_step % save_every_steps == 0:
@@ -332,7 +333,8 @@ class Trainer(SavingMixin, ResumeMixin):
             norm = acc.clip_grad_norm_(self.params, self.max_grad_norm)  # unscales fp16 gradients first
         self.stats.add_grad_norm(norm)
         if self._before_step_listeners:
-            self.callbacks.fire(Event.ON_BEFORE_OPTIMIZER_STEP, self, self._step_state(loss, terms, norm))
+            lr = self.step_optimizer.param_groups[0]["lr"]
+            self.callbacks.fire(Event.ON_BEFORE_OPTIMIZER_STEP, self, self._step_state(loss, terms, norm, lr))
         if self.cfg.training.skip_nonfinite and not torch.isfinite(norm):  # one sync per step, by request
             self.stats.skipped_steps += 1
             self.step_optimizer.zero_grad(set_to_none=True)
@@ -344,9 +346,10 @@ class Trainer(SavingMixin, ResumeMixin):
         self.step_optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def _step_state(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None, norm: Any) -> TrainingState:
+    def _step_state(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None, norm: Any,
+                    lr: float) -> TrainingState:
         return TrainingState(step=self.global_step, epoch=self.epoch + 1, batch_in_epoch=self.batch_in_epoch,
-                             loss=loss, lr=self.schedule.lr_of_last_step()[0], grad_norm=norm, loss_terms=terms or {})
+                             loss=loss, lr=lr, grad_norm=norm, loss_terms=terms or {})
 
     def _epoch_state(self, metrics: dict[str, Any]) -> TrainingState:
         terms = {k[len("train_loss/"):]: v for k, v in metrics.items() if k.startswith("train_loss/")}

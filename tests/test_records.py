@@ -148,6 +148,13 @@ def test_tensorboard_reads_step_and_epoch_scalars_images_and_histograms(straight
     tags = events.Tags()["histograms"]
     assert "weights/head.weight" in tags and "gradients/head.weight" in tags
     assert [e.step for e in events.Histograms("gradients/head.weight")] == [12]  # histograms_every 2
+    import cr_accel
+
+    weight = cr_accel.load_model(out / "checkpoints/step_00000012").state_dict()["head.weight"]
+    histogram = events.Histograms("weights/head.weight")[0].histogram_value
+    assert histogram.num == weight.numel()
+    assert (histogram.min, histogram.max) == pytest.approx((float(weight.min()), float(weight.max())))
+    assert histogram.sum == pytest.approx(float(weight.double().sum()), rel=1e-6)
 
 
 def test_a_crash_and_a_resume_continue_every_record_without_a_step_twice(straight, tmp_path):

@@ -17,6 +17,7 @@ from typing import Any
 from . import RunStart, Sink
 
 PROJECT = "cr_accel"
+HISTOGRAM_BINS = 64
 
 
 class TrackersSink(Sink):
@@ -43,9 +44,21 @@ class TrackersSink(Sink):
             writer.add_image(f"images/{name}", _decode(png), global_step=step, dataformats="HWC")
 
     def log_histograms(self, tensors: dict[str, Any], step: int) -> None:
+        """Counted by torch (`torch.histogram`, 64 equal bins between the tensor's extremes) and written raw:
+        TensorBoard's own add_histogram bins in NumPy, ~10x slower (28 ms for the 12 tensors of the overhead
+        benchmark's MLP, at every histogram epoch's end)."""
+        import torch
+
         writer = self._tensorboard()
         for tag, tensor in tensors.items():
-            writer.add_histogram(tag, tensor.float().numpy(), global_step=step)
+            values = tensor.detach().double().flatten()
+            values = values[torch.isfinite(values)]
+            if values.numel() == 0:
+                continue
+            low, high = float(values.min()), float(values.max())
+            counts, edges = torch.histogram(values, bins=HISTOGRAM_BINS, range=(low, high if high > low else low + 1))
+            writer.add_histogram_raw(tag, low, high, values.numel(), float(values.sum()), float(values.square().sum()),
+                                     bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=step)
 
     @property
     def wants_histograms(self) -> bool:
