@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from . import checkpoint, components, memory, preflight
-from .callbacks import Callback, CallbackList, Event, TrainingState
+from .callbacks import Callback, CallbackList, Event, TrainingState, builtin_callbacks
 from .checkpoint.async_writer import BackgroundSave, why_synchronous
 from .config import Config
 from .environment import UNSHARDED_TYPES, describe_environment, make_accelerator
@@ -31,7 +31,8 @@ from .resume import ResumeMixin
 from .losses import loss_and_terms
 from .run_log import TextLog
 from .saving import SavingMixin
-from .sinks import RunStart, Sinks
+from .validation import ValidationMixin
+from .sinks import RunStart, Sinks, build_sinks
 from .state import StateRegistry, TrainState
 from .step_stats import EpochStatsState, StepStats
 
@@ -52,7 +53,7 @@ class _Counter:
         setattr(trainer.state, self.name, value)
 
 
-class Trainer(SavingMixin, ResumeMixin):
+class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
     epoch = _Counter()  # the epoch running, or the next one to run (0-based)
     batch_in_epoch = _Counter()  # micro-batches of `epoch` already trained on, per process
     global_step = _Counter()  # optimizer steps done
@@ -380,57 +381,6 @@ class Trainer(SavingMixin, ResumeMixin):
         self.sinks.log_step(record)
         self.progress.report(epoch, self.global_step, self.total_steps, record["loss"], lr)
 
-    @torch.no_grad()
-    def validate(self, confusion: bool = False) -> dict[str, float]:
-        """Exact means over the validation set for any number of processes, with one reduction at the end:
-        `val_loss`, `val_loss/<term>` for a loss with named terms, `val_<metric>` per metric. With `confusion`
-        (classification), also the confusion matrix counts, kept in `self.last_confusion`.
-
-        Each process sums the values of its own batches (a loss that returns the batch mean counts as mean x
-        batch size; metrics return one value per sample). Only the last batch can hold duplicates: accelerate
-        pads it with samples from the start to give every process a full batch. Where the set does not split
-        evenly (a non-zero `remainder`), that batch alone is gathered (gather_for_metrics keeps exactly the
-        remaining real samples) and counted once, on the main process (every process computes it, with weight
-        0 elsewhere, so all of them reduce the same values). Gathering every batch instead made every process
-        wait for the others and recompute the world's loss at each batch: the CPU time each process spent on
-        4,032 more samples fell only 1.27x from 1 to 2 processes, 1.92x now (bench/ddp_throughput.py
-        --validation).
-        """
-        self.model.eval()
-        acc = self.accelerator
-        state = acc.gradient_state
-        sums: dict[str, torch.Tensor] = {}  # float64 sums on the device: no sync until the end
-        counts = None
-        count = 0
-        for inputs, targets in self.progress.validation(self.val_loader):
-            outputs = self.model(inputs)
-            weight = 1
-            if acc.num_processes > 1 and state.end_of_dataloader and state.remainder != 0:
-                outputs, targets = acc.gather_for_metrics((outputs, targets))
-                weight = int(acc.is_main_process)  # every process now holds the same batch: count it once
-            n = len(targets) * weight
-            loss, terms = loss_and_terms(self.loss_fn(outputs, targets))
-            values = {"val_loss": loss.double() * n, **{f"val_loss/{k}": v.double() * n for k, v in (terms or {}).items()}}
-            values.update({f"val_{name}": fn(outputs, targets).double().sum() * weight
-                           for name, fn in self.metric_fns.items()})
-            for name, value in values.items():
-                sums[name] = sums[name] + value if name in sums else value
-            if confusion:
-                counts = _add_confusion(counts, outputs, targets, weight)
-            count += n
-        names = list(sums)
-        totals = torch.stack([*sums.values(), torch.tensor(float(count), dtype=torch.float64, device=acc.device)])
-        if counts is not None:
-            totals = torch.cat([totals, counts.double().flatten()])
-        if acc.num_processes > 1:
-            totals = acc.reduce(totals, reduction="sum")
-        values = totals.tolist()
-        count = values[len(names)]
-        self.last_confusion = (torch.tensor(values[len(names) + 1:]).round().long().view(counts.shape)
-                               if counts is not None else None)
-        self.model.train()
-        return {name: v / max(count, 1) for name, v in zip(names, values)}
-
     def _update_best(self, metrics: dict[str, Any]) -> bool:
         c, t = self.cfg.checkpoint, self.cfg.training
         value = metrics.get(c.monitor)
@@ -505,45 +455,4 @@ class _Recorded:
 
     def load_state_dict(self, state: Any) -> None:
         pass
-
-
-def _add_confusion(counts: torch.Tensor | None, outputs: torch.Tensor, targets: torch.Tensor,
-                   weight: int) -> torch.Tensor:
-    """counts[true, predicted] of class scores `outputs` (N, K) against labels `targets` (N,), on the device."""
-    k = outputs.shape[1]
-    batch = torch.bincount(targets.long() * k + outputs.argmax(dim=1), minlength=k * k).view(k, k) * weight
-    return batch if counts is None else counts + batch
-
-
-def build_sinks(cfg: Config, accelerator: Any, log: TextLog) -> Sinks:
-    """The main process's sinks: train.log's epoch line, metrics.csv, steps.csv, the trackers named in
-    output.trackers, the dashboard when it is enabled."""
-    from .sinks.files import CSVSink, TextLogSink
-
-    out = Path(cfg.output.dir)
-    sinks = [TextLogSink(log, cfg.training.epochs), CSVSink(out / cfg.output.metrics_file, per="epoch"),
-             CSVSink(out / cfg.output.steps_file, per="step")]
-    if cfg.output.trackers:
-        from .sinks.trackers import TrackersSink
-
-        sinks.append(TrackersSink(accelerator, cfg.output.trackers))
-    if cfg.dashboard.enabled:
-        from .sinks.dashboard import DashboardSink, dashboard_tracker
-
-        sinks.append(DashboardSink(dashboard_tracker(cfg, log), out))
-    return Sinks(sinks)
-
-
-def builtin_callbacks(cfg: Config) -> list[Callback]:
-    """The pictures of validation (output.samples_every) and, for TensorBoard, the histograms of weights and
-    gradients (output.histograms_every): callbacks like a user's, so either can be replaced or driven alone."""
-    from .callbacks.histograms import Histograms
-    from .callbacks.pictures import ValidationPictures
-
-    callbacks: list[Callback] = []
-    if cfg.output.samples_every:
-        callbacks.append(ValidationPictures(cfg.output.samples_every))
-    if cfg.output.histograms_every and "tensorboard" in cfg.output.trackers:
-        callbacks.append(Histograms(cfg.output.histograms_every))
-    return callbacks
 

@@ -188,3 +188,17 @@ def _check_signature(cb: Callback, event: Event) -> None:
 def hook_names() -> set[str]:
     """Every public hook a Callback defines (the contract test compares them with Event)."""
     return {name for name, _ in inspect.getmembers(Callback, inspect.isfunction) if name.startswith("on_")}
+
+
+def builtin_callbacks(cfg: Any) -> list[Callback]:
+    """The pictures of validation (output.samples_every) and, for TensorBoard, the histograms of weights and
+    gradients (output.histograms_every): callbacks like a user's, so either can be replaced or driven alone."""
+    from .histograms import Histograms
+    from .pictures import ValidationPictures
+
+    callbacks: list[Callback] = []
+    if cfg.output.samples_every:
+        callbacks.append(ValidationPictures(cfg.output.samples_every))
+    if cfg.output.histograms_every and "tensorboard" in cfg.output.trackers:
+        callbacks.append(Histograms(cfg.output.histograms_every))
+    return callbacks

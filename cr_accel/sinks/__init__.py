@@ -101,4 +101,25 @@ class Sinks(Sink):
         return any(sink.wants_histograms for sink in self.sinks)
 
 
-__all__ = ["RunStart", "Sink", "Sinks"]
+def build_sinks(cfg: Any, accelerator: Any, log: Any) -> Sinks:
+    """The main process's sinks: train.log's epoch line, metrics.csv, steps.csv, the trackers named in
+    output.trackers, the dashboard when it is enabled."""
+    from pathlib import Path
+
+    from .files import CSVSink, TextLogSink
+
+    out = Path(cfg.output.dir)
+    sinks = [TextLogSink(log, cfg.training.epochs), CSVSink(out / cfg.output.metrics_file, per="epoch"),
+             CSVSink(out / cfg.output.steps_file, per="step")]
+    if cfg.output.trackers:
+        from .trackers import TrackersSink
+
+        sinks.append(TrackersSink(accelerator, cfg.output.trackers))
+    if cfg.dashboard.enabled:
+        from .dashboard import DashboardSink, dashboard_tracker
+
+        sinks.append(DashboardSink(dashboard_tracker(cfg, log), out))
+    return Sinks(sinks)
+
+
+__all__ = ["RunStart", "Sink", "Sinks", "build_sinks"]
