@@ -43,8 +43,9 @@ class Histograms(Callback):
 
 
 def _host(tensor: Any) -> torch.Tensor:
-    """A float32 CPU copy; a DTensor's shards gathered first (a collective: every process calls this)."""
+    """A float32 CPU copy (always a copy: the trackers write it later, while training changes the original); a
+    DTensor's shards gathered first (a collective: every process calls this)."""
     tensor = tensor.detach()
     if hasattr(tensor, "full_tensor"):
         tensor = tensor.full_tensor()
-    return tensor.float().cpu()
+    return tensor.to("cpu", torch.float32, copy=True)
