@@ -236,9 +236,9 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         last_epoch = epoch + 1 == t.epochs or self.global_step >= self.total_steps
         improved = False
         if (epoch + 1) % t.eval_every == 0 or last_epoch:
-            metrics.update(self.validate(confusion=self._confusion_due(epoch + 1)))
+            validation = self._run_validation(epoch + 1)
+            metrics.update(validation)
             improved = self._update_best(metrics)
-            self.progress.show_validation(metrics)
             self.callbacks.fire(Event.ON_VALIDATION_END, self, metrics)
         metrics["step"] = self.global_step
         metrics["best_val"] = self.best_value if self.best_value is not None else math.nan
@@ -257,6 +257,13 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         if self.callbacks.has(Event.ON_EPOCH_END):
             self.callbacks.fire(Event.ON_EPOCH_END, self, self._epoch_state(metrics))
         self._save_epoch_checkpoints(epoch + 1, improved, finishing=self.should_stop or epoch + 1 == t.epochs)
+        return metrics
+
+    def _run_validation(self, epoch_number: int) -> dict[str, float]:
+        """on_validation_start, the validation itself, its metrics in the progress bar."""
+        self.callbacks.fire(Event.ON_VALIDATION_START, self)
+        metrics = self.validate(confusion=self._confusion_due(epoch_number))
+        self.progress.show_validation(metrics)
         return metrics
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any] | None:

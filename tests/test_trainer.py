@@ -219,6 +219,9 @@ def test_callbacks_function_and_object_see_every_epoch_in_order(tmp_path):
             step = state.step
             events.append(f"step{step}")
 
+        def on_validation_start(self, trainer):
+            events.append("val-start")
+
         def on_validation_end(self, trainer, metrics):
             events.append("val")
 
@@ -239,7 +242,7 @@ def test_callbacks_function_and_object_see_every_epoch_in_order(tmp_path):
     assert [s[2] for s in seen] == [float(r["val_loss"]) for r in rows]
     assert all(s[3] and s[4] for s in seen)
     # 16 train samples / batch 5 = 4 steps per epoch
-    assert events[:7] == ["start", "step1", "step2", "step3", "step4", "val", "epoch1"]
+    assert events[:8] == ["start", "step1", "step2", "step3", "step4", "val-start", "val", "epoch1"]
     assert events[-1] == "finished" and events.count("val") == 3
 
 

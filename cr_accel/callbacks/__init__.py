@@ -9,7 +9,8 @@ The loop, in the order the events fire:
             on_before_optimizer_step(trainer, state)  # gradients all-reduced and clipped, not applied yet
             ... optimizer step ...
             on_step_end(trainer, state)               # after every optimizer step
-        validate (every training.eval_every epochs)
+        on_validation_start(trainer)                  # every training.eval_every epochs
+        validate
         on_validation_end(trainer, metrics)           # the validation metrics, reduced over all processes
         on_epoch_end(trainer, state)                  # state.metrics: the epoch's record, as logged
         on_checkpoint(trainer, path)                  # after a checkpoint is written
@@ -40,6 +41,7 @@ class Event(str, enum.Enum):
     ON_TRAIN_START = "on_train_start"
     ON_BEFORE_OPTIMIZER_STEP = "on_before_optimizer_step"
     ON_STEP_END = "on_step_end"
+    ON_VALIDATION_START = "on_validation_start"
     ON_VALIDATION_END = "on_validation_end"
     ON_EPOCH_END = "on_epoch_end"
     ON_CHECKPOINT = "on_checkpoint"
@@ -76,6 +78,9 @@ class Callback:
         pass
 
     def on_step_end(self, trainer: Trainer, state: TrainingState) -> None:
+        pass
+
+    def on_validation_start(self, trainer: Trainer) -> None:
         pass
 
     def on_validation_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
