@@ -41,6 +41,7 @@ from .environment import UNSHARDED_TYPES
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from .callbacks import CallbackList
     from .checkpoint import Checkpoints
     from .config import Config
     from .data import DatasetSplits
@@ -106,6 +107,7 @@ class ResumeMixin:
     cfg: Config
     checkpoints: Checkpoints
     registry: StateRegistry
+    callbacks: CallbackList
     state: TrainState
     schedule: StepSchedule
     data: DatasetSplits
@@ -172,6 +174,7 @@ class ResumeMixin:
         if elastic:
             parts = self._rescale_for_world_size(parts, accumulation)
         self.registry.load_state_dict(parts, tensors)
+        self.callbacks.load_legacy(trainer_part, parts.get("callbacks", {}))
         self.state.world_size = acc.num_processes
         self.state.gradient_accumulation_steps = self.accumulation  # what this run uses (the config's, or scaled)
         if elastic:

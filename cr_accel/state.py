@@ -35,8 +35,6 @@ class TrainState:
     global_step: int = 0  # optimizer steps done
     world_size: int = 1  # processes that wrote the checkpoint
     gradient_accumulation_steps: int = 1  # as used by those processes (elastic resume keeps their product)
-    best_value: Optional[float] = None  # the best checkpoint.monitor so far
-    bad_validations: int = 0  # consecutive validations without improvement (early stopping)
 
     def state_dict(self):
         return dataclasses.asdict(self)
@@ -44,6 +42,9 @@ class TrainState:
     def load_state_dict(self, state):
         problems = []
         hints = typing.get_type_hints(TrainState)
+        # Kept here before the checkpoint policy and early stopping were callbacks (they read them from the
+        # checkpoint's trainer part themselves: CallbackList.load_legacy); checked, then left out.
+        hints.update(LEGACY_TRAINER_FIELDS)
         for key, value in state.items():
             if key not in hints:
                 problems.append(f"unknown key `{key}`")
@@ -52,7 +53,11 @@ class TrainState:
         if problems:
             raise CheckpointError(f"the trainer state is not valid: {'; '.join(problems)}")
         for key, value in state.items():
-            setattr(self, key, float(value) if isinstance(value, int) and key == "best_value" else value)
+            if key not in LEGACY_TRAINER_FIELDS:
+                setattr(self, key, value)
+
+
+LEGACY_TRAINER_FIELDS: dict[str, typing.Any] = {"best_value": Optional[float], "bad_validations": int}
 
 
 def _fits(value, annotation):

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint, components, memory, preflight
 from .callbacks import Callback, CallbackList, Event, TrainingState, builtin_callbacks
+from .callbacks.checkpointing import CheckpointPolicy
 from .checkpoint.async_writer import BackgroundSave, why_synchronous
 from .config import Config
 from .environment import UNSHARDED_TYPES, describe_environment, make_accelerator
@@ -57,8 +58,6 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
     epoch = _Counter()  # the epoch running, or the next one to run (0-based)
     batch_in_epoch = _Counter()  # micro-batches of `epoch` already trained on, per process
     global_step = _Counter()  # optimizer steps done
-    best_value = _Counter()
-    bad_validations = _Counter()  # consecutive validations without improvement (early stopping)
 
     def __init__(self, cfg: Config, callbacks: Iterable[Callback | Callable[..., Any]] = ()) -> None:
         self.cfg = cfg
@@ -68,7 +67,9 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         set_seed(cfg.seed, deterministic=t.deterministic)  # before anything draws random numbers
         self.accelerator = acc = make_accelerator(cfg)
         self.callbacks = CallbackList()
-        for cb in [*builtin_callbacks(cfg), *callbacks]:
+        for builtin in builtin_callbacks(cfg):
+            self.callbacks.add(builtin, builtin=True)
+        for cb in callbacks:
             self.add_callback(cb)
 
         self.data = components.build_datasets(cfg)
@@ -126,7 +127,14 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         return registry
 
     def add_callback(self, cb: Callback | Callable[..., Any]) -> Callback:
+        """Add a callback; one that is an instance of a built-in callback's class replaces it."""
         return self.callbacks.add(cb)
+
+    @property
+    def best_value(self) -> float | None:
+        """The best value of the checkpoint policy's monitored metric so far (None before any)."""
+        policies = self.callbacks.of_type(CheckpointPolicy)
+        return policies[0].best if policies else None
 
     # ---------------------------------------------------------------- set-up
 
@@ -234,11 +242,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
             return None
         metrics = {"epoch": epoch + 1, **train_metrics}
         last_epoch = epoch + 1 == t.epochs or self.global_step >= self.total_steps
-        improved = False
         if (epoch + 1) % t.eval_every == 0 or last_epoch:
-            validation = self._run_validation(epoch + 1)
-            metrics.update(validation)
-            improved = self._update_best(metrics)
+            metrics.update(self._run_validation(epoch + 1))
             self.callbacks.fire(Event.ON_VALIDATION_END, self, metrics)
         metrics["step"] = self.global_step
         metrics["best_val"] = self.best_value if self.best_value is not None else math.nan
@@ -256,7 +261,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self.sinks.log_epoch(metrics)
         if self.callbacks.has(Event.ON_EPOCH_END):
             self.callbacks.fire(Event.ON_EPOCH_END, self, self._epoch_state(metrics))
-        self._save_epoch_checkpoints(epoch + 1, improved, finishing=self.should_stop or epoch + 1 == t.epochs)
+        self._save_epoch_checkpoints(epoch + 1, finishing=self.should_stop or epoch + 1 == t.epochs)
         return metrics
 
     def _run_validation(self, epoch_number: int) -> dict[str, float]:
@@ -285,7 +290,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         accumulate = self.accumulation > 1 or not self.plain_step
         step_listeners = self.callbacks.has(Event.ON_STEP_END)
         self._before_step_listeners = self.callbacks.has(Event.ON_BEFORE_OPTIMIZER_STEP)
-        save_every_steps = self.cfg.checkpoint.save_every_steps
+        policies = self.callbacks.of_type(CheckpointPolicy)
         self.preemption_agreed = False
         for inputs, targets in loader:
             if accumulate:
@@ -307,8 +312,9 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
                                                                               self.schedule.last_step_lr))
             if self.global_step % t.log_every == 0:
                 self._log_step(epoch)
-            if save_every_steps and self.global_step % save_every_steps == 0:
-                self.save_checkpoint(["periodic"])
+            targets = [target for policy in policies for target in policy.targets_after_step(self)]
+            if targets:
+                self.save_checkpoint(_unique(targets))
             if self.preemption.agreed():
                 self.preemption_agreed = True
                 break
@@ -388,38 +394,14 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self.sinks.log_step(record)
         self.progress.report(epoch, self.global_step, self.total_steps, record["loss"], lr)
 
-    def _update_best(self, metrics: dict[str, Any]) -> bool:
-        c, t = self.cfg.checkpoint, self.cfg.training
-        value = metrics.get(c.monitor)
-        if value is None or math.isnan(value):
-            return False
-        delta = t.early_stopping_min_delta
-        improved = self.best_value is None or (
-            value < self.best_value - delta if c.mode == "min" else value > self.best_value + delta
-        )
-        if improved:
-            self.best_value = value
-            self.bad_validations = 0
-            return True
-        self.bad_validations += 1
-        patience = t.early_stopping_patience
-        if patience is not None and self.bad_validations >= patience:
-            self.should_stop, self.stop_reason = True, "stopped_early"
-            self.text_log.info(f"early stopping: {c.monitor} has not improved for {patience} validations "
-                          f"(best {self.best_value:.6g})")
-        return False
-
     # ---------------------------------------------------------------- checkpoints
 
-    def _save_epoch_checkpoints(self, epoch_number: int, improved: bool, finishing: bool) -> None:
-        c = self.cfg.checkpoint
-        targets = ["best"] if improved else []
-        if epoch_number % c.save_every == 0:
-            targets += ["periodic", "last"]
-        elif finishing:
-            targets.append("last")
+    def _save_epoch_checkpoints(self, epoch_number: int, finishing: bool) -> None:
+        """What the checkpoint policies ask for after the epoch (see callbacks/checkpointing.py)."""
+        targets = [target for policy in self.callbacks.of_type(CheckpointPolicy)
+                   for target in policy.targets_after_epoch(self, epoch_number, finishing)]
         if targets:
-            self.save_checkpoint(targets)
+            self.save_checkpoint(_unique(targets))
 
     def _stop_for_preemption(self) -> None:
         self.text_log.info(f"{self.preemption.signal_name or 'signal'} received: saving a checkpoint at step "
@@ -449,6 +431,10 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self.text_log.close()
         if status != "failed":  # after a failure on one process, the others may never arrive
             self.accelerator.wait_for_everyone()
+
+
+def _unique(targets: list[str]) -> list[str]:
+    return list(dict.fromkeys(targets))
 
 
 class _Recorded:

@@ -199,8 +199,8 @@ def test_retention_keeps_two_newest_periodic_plus_best_and_last(tmp_path):
     with open(tmp_path / "run/metrics.csv", newline="") as f:
         val = [(float(r["val_loss"]), int(r["epoch"])) for r in csv.DictReader(f)]
     best_loss, best_epoch = min(val)
-    best = checkpoint.read_state(ckpts / "best")["trainer"]
-    assert best["epoch"] == best_epoch and best["best_value"] == best_loss
+    best = checkpoint.read_state(ckpts / "best")
+    assert best["trainer"]["epoch"] == best_epoch and best["callbacks"]["checkpoint_policy"]["best"] == best_loss
     assert checkpoint.read_state(ckpts / "last")["trainer"]["epoch"] == 10
     for folder in ckpts.iterdir():
         checkpoint.verify(folder)

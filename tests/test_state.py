@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cr_accel.callbacks import Callback, CallbackList
+from cr_accel.callbacks.checkpointing import CheckpointPolicy, EarlyStopping
 from cr_accel.errors import CheckpointError
 from cr_accel.state import StateRegistry, TrainState, parts_from_file
 
@@ -89,12 +90,25 @@ def test_train_state_with_wrong_types_is_refused(field, value):
     assert state == TrainState()  # nothing was half applied
 
 
-def test_best_value_accepts_integers_and_null():
+def test_the_best_value_of_older_checkpoints_reaches_the_checkpoint_policy_and_early_stopping():
+    """Before they were callbacks, the best value and the early-stopping count lived in the trainer's part:
+    an older checkpoint's values are checked there and taken by the callbacks (an integer best included)."""
     state = TrainState()
-    state.load_state_dict({"best_value": 3})
-    assert state.best_value == 3.0 and isinstance(state.best_value, float)
-    state.load_state_dict({"best_value": None})
-    assert state.best_value is None
+    state.load_state_dict({"best_value": 3, "bad_validations": 2})
+    assert state == TrainState()  # checked, not kept
+    callbacks = CallbackList()
+    policy = callbacks.add(CheckpointPolicy("val_loss"))
+    stopping = callbacks.add(EarlyStopping("val_loss", patience=5))
+    callbacks.load_legacy({"best_value": 3, "bad_validations": 2}, saved={})
+    assert policy.best == 3.0 and isinstance(policy.best, float)
+    assert stopping.monitor.best == 3.0 and stopping.bad_validations == 2
+    callbacks.load_state_dict({"checkpoint_policy": {"best": None}, "early_stopping": {"best": 1.5, "bad_validations": 0}})
+    callbacks.load_legacy({"best_value": 3, "bad_validations": 2}, saved={"checkpoint_policy": {}, "early_stopping": {}})
+    assert policy.best is None and stopping.monitor.best == 1.5 and stopping.bad_validations == 0
+    with pytest.raises(CheckpointError, match="`best`"):
+        policy.load_state_dict({"best": "low"})
+    with pytest.raises(CheckpointError, match="`bad_validations`"):
+        stopping.load_state_dict({"best": None, "bad_validations": -1})
 
 
 def test_format_1_files_map_to_parts_with_documented_defaults():

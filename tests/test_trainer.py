@@ -203,6 +203,28 @@ def test_early_stopping_after_patience(tmp_path):
     assert "early stopping" in (tmp_path / "run" / "train.log").read_text()
 
 
+def test_the_checkpoint_policy_and_early_stopping_are_callbacks_a_run_replaces(tmp_path):
+    """A run's own CheckpointPolicy takes the built-in one's place (best/ then follows its monitor, and no second
+    policy saves beside it); an EarlyStopping with its own monitor stops the run on that metric alone."""
+    from cr_accel import checkpoint
+    from cr_accel.callbacks.checkpointing import CheckpointPolicy, EarlyStopping
+
+    class BestOfEpochTwo(CheckpointPolicy):
+        def on_validation_end(self, trainer, metrics):
+            self.improved = metrics["epoch"] == 2  # "best" is whatever this policy says
+
+    data = regression_files(tmp_path, n=20)
+    cfg = mlp_config(tmp_path, data, training__epochs=6)
+    trainer = Trainer(cfg, callbacks=[BestOfEpochTwo(save_every=100), EarlyStopping("train_loss", patience=1, min_delta=1e9)])
+    assert [type(cb) for cb in trainer.callbacks.of_type(CheckpointPolicy)] == [BestOfEpochTwo]
+    assert trainer.train() == "stopped_early"  # train_loss can never beat itself by 1e9: stops at epoch 2
+    assert len(read_csv(tmp_path / "run" / "metrics.csv")) == 2
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best", "last"]
+    assert checkpoint.read_state(ckpts / "best")["trainer"]["epoch"] == 2
+    assert "early stopping: train_loss has not improved for 1 validations" in (tmp_path / "run" / "train.log").read_text()
+
+
 def test_callbacks_function_and_object_see_every_epoch_in_order(tmp_path):
     data = regression_files(tmp_path, n=20)
     cfg = mlp_config(tmp_path, data, training__epochs=3, data__batch_size=5)

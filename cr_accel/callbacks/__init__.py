@@ -127,22 +127,36 @@ def as_callback(cb: Callback | Callable[..., Any]) -> Callback:
 
 
 class CallbackList:
-    """Dispatches events; keeps, per event, only the callbacks that override it (a no-op costs nothing)."""
+    """Dispatches events; keeps, per event, only the callbacks that override it (a no-op costs nothing).
+
+    A callback added as `builtin` (the checkpoint policy, early stopping, pictures, histograms) is replaced by
+    a later one that is an instance of its class: a run's own `CheckpointPolicy` subclass takes the place of
+    the built-in policy instead of saving beside it.
+    """
 
     def __init__(self) -> None:
         self.callbacks: list[Callback] = []
+        self._builtin: list[Callback] = []
         self._listeners: dict[Event, list[Callable[..., Any]]] = {event: [] for event in Event}
 
-    def add(self, cb: Callback | Callable[..., Any]) -> Callback:
+    def add(self, cb: Callback | Callable[..., Any], builtin: bool = False) -> Callback:
         cb = as_callback(cb)
         for event in Event:
             if getattr(type(cb), event.value) is not getattr(Callback, event.value):
                 _check_signature(cb, event)
+        replaced = [b for b in self._builtin if isinstance(cb, type(b))]
+        self.callbacks = [c for c in self.callbacks if all(c is not b for b in replaced)]
+        self._builtin = [b for b in self._builtin if all(b is not r for r in replaced)]
         self.callbacks.append(cb)
-        for event in Event:
-            if getattr(type(cb), event.value) is not getattr(Callback, event.value):
-                self._listeners[event].append(getattr(cb, event.value))
+        if builtin:
+            self._builtin.append(cb)
+        self._listeners = {event: [getattr(c, event.value) for c in self.callbacks
+                                   if getattr(type(c), event.value) is not getattr(Callback, event.value)]
+                           for event in Event}
         return cb
+
+    def of_type(self, kind: type) -> list[Any]:
+        return [cb for cb in self.callbacks if isinstance(cb, kind)]
 
     def has(self, event: Event) -> bool:
         return bool(self._listeners[event])
@@ -159,6 +173,13 @@ class CallbackList:
             saved = state.get(key, state.get(self._legacy_key(cb)))
             if saved is not None:
                 cb.load_state_dict(saved)
+
+    def load_legacy(self, trainer_state: dict[str, Any], saved: dict[str, Any]) -> None:
+        """Callbacks whose state a checkpoint from before they were callbacks kept in the trainer's part
+        (the best value, the early-stopping count) take it from there."""
+        for key, cb in self._keyed().items():
+            if key not in saved and hasattr(cb, "load_legacy"):
+                cb.load_legacy(trainer_state)
 
     def _keyed(self) -> dict[str, Callback]:
         """{state_key: callback}: a callback's `state_key` (default: its class name), numbered from the second
@@ -196,12 +217,16 @@ def hook_names() -> set[str]:
 
 
 def builtin_callbacks(cfg: Any) -> list[Callback]:
-    """The pictures of validation (output.samples_every) and, for TensorBoard, the histograms of weights and
-    gradients (output.histograms_every): callbacks like a user's, so either can be replaced or driven alone."""
+    """The checkpoint policy, early stopping (training.early_stopping_patience), the pictures of validation
+    (output.samples_every) and, for TensorBoard, the histograms of weights and gradients
+    (output.histograms_every): callbacks like a user's, so each can be replaced (see CallbackList)."""
+    from .checkpointing import CheckpointPolicy, EarlyStopping
     from .histograms import Histograms
     from .pictures import ValidationPictures
 
-    callbacks: list[Callback] = []
+    callbacks: list[Callback] = [CheckpointPolicy.from_config(cfg)]
+    if cfg.training.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping.from_config(cfg))
     if cfg.output.samples_every:
         callbacks.append(ValidationPictures(cfg.output.samples_every))
     if cfg.output.histograms_every and "tensorboard" in cfg.output.trackers:
