@@ -75,6 +75,7 @@ class TrainingConfig:
     use_amp: Optional[bool] = None  # short form: true = mixed_precision auto, false = no
     mixed_precision: Optional[Literal["no", "fp16", "bf16", "auto"]] = None
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
+    eval_every_steps: Optional[int] = None  # also validate every this many optimizer steps (long epochs)
     log_every: int = 50  # optimizer steps between progress lines; also how often losses leave the device
     early_stopping_patience: Optional[int] = None  # validations without improvement of checkpoint.monitor
     early_stopping_min_delta: float = 0.0
@@ -430,6 +431,8 @@ def check_values(cfg: Config) -> list[tuple[str, str]]:
          f"must be >= 1, got {t.gradient_accumulation_steps}"),
         ("training.grad_clip", t.grad_clip is None or t.grad_clip > 0, f"must be > 0 or null (no clipping), got {t.grad_clip}"),
         ("training.eval_every", t.eval_every >= 1, f"must be >= 1, got {t.eval_every}"),
+        ("training.eval_every_steps", t.eval_every_steps is None or t.eval_every_steps >= 1,
+         f"must be >= 1 or null (off), got {t.eval_every_steps}"),
         ("training.log_every", t.log_every >= 1, f"must be >= 1, got {t.log_every}"),
         ("training.early_stopping_patience", t.early_stopping_patience is None or t.early_stopping_patience >= 1,
          f"must be >= 1 or null (off), got {t.early_stopping_patience}"),

@@ -113,6 +113,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self._resumed_mid_epoch = False
         self.resumed_from: Path | None = None  # the checkpoint this run continues, once train() has resumed
         self._preflight_done = False
+        self._step_validation: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the last one
+        self.validation_at_epoch_end = True  # whether the validation running (or last run) ends an epoch
         self.preemption_agreed = False
         self.registry = self._register_state()
 
@@ -243,8 +245,11 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         metrics = {"epoch": epoch + 1, **train_metrics}
         last_epoch = epoch + 1 == t.epochs or self.global_step >= self.total_steps
         if (epoch + 1) % t.eval_every == 0 or last_epoch:
-            metrics.update(self._run_validation(epoch + 1))
-            self.callbacks.fire(Event.ON_VALIDATION_END, self, metrics)
+            if self._step_validation is not None and self._step_validation[0] == self.global_step:
+                metrics.update(self._step_validation[1])  # the epoch's last step was validated already
+            else:
+                metrics.update(self._run_validation(epoch + 1))
+                self.callbacks.fire(Event.ON_VALIDATION_END, self, metrics)
         metrics["step"] = self.global_step
         metrics["best_val"] = self.best_value if self.best_value is not None else math.nan
         metrics["lr"] = self.schedule.lr_of_last_step()[0]
@@ -264,11 +269,21 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self._save_epoch_checkpoints(epoch + 1, finishing=self.should_stop or epoch + 1 == t.epochs)
         return metrics
 
-    def _run_validation(self, epoch_number: int) -> dict[str, float]:
-        """on_validation_start, the validation itself, its metrics in the progress bar."""
+    def _run_validation(self, epoch_number: int, at_epoch_end: bool = True) -> dict[str, float]:
+        """on_validation_start, the validation itself, its metrics in the progress bar. `at_epoch_end` is False
+        for the validations of `training.eval_every_steps` (`trainer.validation_at_epoch_end` tells hooks)."""
+        self.validation_at_epoch_end = at_epoch_end
         self.callbacks.fire(Event.ON_VALIDATION_START, self)
-        metrics = self.validate(confusion=self._confusion_due(epoch_number))
+        metrics = self.validate(confusion=at_epoch_end and self._confusion_due(epoch_number))
         self.progress.show_validation(metrics)
+        return metrics
+
+    def _validate_at_step(self, epoch: int) -> dict[str, float]:
+        """A validation of `training.eval_every_steps`: its metrics go into the step record of this step (and
+        the checkpoint policy sees them, so `best/` may be written mid-epoch)."""
+        metrics = self._run_validation(epoch + 1, at_epoch_end=False)
+        self.callbacks.fire(Event.ON_VALIDATION_END, self, {"step": self.global_step, "epoch": epoch + 1, **metrics})
+        self._step_validation = (self.global_step, metrics)
         return metrics
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any] | None:
@@ -291,6 +306,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         step_listeners = self.callbacks.has(Event.ON_STEP_END)
         self._before_step_listeners = self.callbacks.has(Event.ON_BEFORE_OPTIMIZER_STEP)
         policies = self.callbacks.of_type(CheckpointPolicy)
+        eval_every_steps = t.eval_every_steps
         self.preemption_agreed = False
         for inputs, targets in loader:
             if accumulate:
@@ -310,8 +326,10 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
             if step_listeners:
                 self.callbacks.fire(Event.ON_STEP_END, self, self._step_state(loss, terms, norm,
                                                                               self.schedule.last_step_lr))
-            if self.global_step % t.log_every == 0:
-                self._log_step(epoch)
+            validation = (self._validate_at_step(epoch)
+                          if eval_every_steps and self.global_step % eval_every_steps == 0 else None)
+            if self.global_step % t.log_every == 0 or validation is not None:
+                self._log_step(epoch, validation)
             targets = [target for policy in policies for target in policy.targets_after_step(self)]
             if targets:
                 self.save_checkpoint(_unique(targets))
@@ -385,12 +403,13 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         logged, self._logged = self._logged, {}
         return {k: float(v) for k, v in logged.items()}
 
-    def _log_step(self, epoch: int) -> None:
-        """A step record: the means since the last one, over every process (one gather), to every sink."""
+    def _log_step(self, epoch: int, validation: dict[str, float] | None = None) -> None:
+        """A step record: the means since the last one, over every process (one gather), to every sink; with
+        the metrics of a validation at this step (training.eval_every_steps)."""
         values = self.stats.step_record()
         lr = self.schedule.lr_of_last_step()[0]
         record = {"step": self.global_step, "epoch": epoch + 1, "loss": values.pop("loss"), "lr": lr,
-                  "grad_norm": values.pop("grad_norm"), **values, **self._take_logged()}
+                  "grad_norm": values.pop("grad_norm"), **values, **(validation or {}), **self._take_logged()}
         self.sinks.log_step(record)
         self.progress.report(epoch, self.global_step, self.total_steps, record["loss"], lr)
 

@@ -310,3 +310,36 @@ def test_no_host_device_sync_per_step(tmp_path, monkeypatch):
     trainer.train()
     assert trainer.global_step == 50
     assert counts["n"] < 15, counts  # 50 steps; a per-step read would be >= 50
+
+
+def test_eval_every_steps_validates_mid_epoch_into_steps_csv_and_best_follows(tmp_path):
+    """training.eval_every_steps: validations at those steps, their metrics in that step's row of steps.csv,
+    the checkpoint policy sees them (best/ may be a mid-epoch step); a validation at an epoch's last step is
+    not run again for the epoch's row, which shows the same values."""
+    from cr_accel import checkpoint
+
+    data = regression_files(tmp_path, n=20)  # 16 train samples, batch 4: 4 steps per epoch
+    cfg = mlp_config(tmp_path, data, training__epochs=3, training__eval_every_steps=3, data__batch_size=4,
+                     optimizer__lr=3e-2, checkpoint__save_every=100)
+    starts = []
+
+    class CountValidations(Callback):
+        def on_validation_start(self, trainer):
+            starts.append((trainer.global_step, trainer.validation_at_epoch_end))
+
+    trainer = Trainer(cfg, callbacks=[CountValidations()])
+    assert trainer.train() == "finished"
+    # steps 3, 6, 9, 12 from eval_every_steps; the ends of epochs 1 and 2 (steps 4 and 8); epoch 3 ends at 12
+    assert starts == [(3, False), (4, True), (6, False), (8, True), (9, False), (12, False)]
+    steps = read_csv(tmp_path / "run" / "steps.csv")
+    validated = {int(r["step"]): float(r["val_loss"]) for r in steps if r["val_loss"]}
+    assert sorted(validated) == [3, 6, 9, 12]
+    assert all(math.isfinite(float(r["loss"])) for r in steps)
+    epochs = read_csv(tmp_path / "run" / "metrics.csv")
+    assert float(epochs[2]["val_loss"]) == validated[12]
+    everything = {**validated, 4: float(epochs[0]["val_loss"]), 8: float(epochs[1]["val_loss"])}
+    best_step = min(everything, key=everything.get)
+    assert best_step % 4, "this data and LR make the best a mid-epoch validation"
+    best = checkpoint.read_state(tmp_path / "run" / "checkpoints" / "best")
+    assert best["trainer"]["global_step"] == best_step
+    assert best["callbacks"]["checkpoint_policy"]["best"] == everything[best_step]

@@ -31,7 +31,7 @@ class ValidationPictures(Callback):
 
     def on_validation_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         epoch = trainer.epoch + 1  # the epoch just trained and validated (the counter moves on after this)
-        if not self.enabled or epoch % self.every:
+        if not self.enabled or epoch % self.every or not trainer.validation_at_epoch_end:
             return
         if trainer.last_confusion is not None:
             from ..images import confusion_png

@@ -119,7 +119,12 @@ class TrackersSink(Sink):
 
 
 def _tagged(prefix: str, record: dict[str, Any]) -> dict[str, Any]:
-    return {f"{prefix}/{k}": v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+    """TensorBoard tags: `epoch/<name>` for epoch records; in step records, `train/<name>`, and `val/<name>` for
+    the metrics of a validation at that step (training.eval_every_steps), which are not training values."""
+    def tag(key: str) -> str:
+        return f"val/{key}" if prefix == "train" and key.startswith("val_") else f"{prefix}/{key}"
+
+    return {tag(k): v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
 
 
 def _decode(png: bytes) -> Any:
