@@ -153,6 +153,21 @@ def build_datasets(cfg):
     return splits
 
 
+def build_val_sets(cfg):
+    """{name: dataset} for `data.val_sets`: each the validation split the data builder makes with the `data`
+    section's keys, changed by the set's own."""
+    import dataclasses
+
+    sets = {}
+    for name, keys in cfg.data.val_sets.items():
+        data = dataclasses.replace(cfg.data, kwargs={**cfg.data.kwargs, **keys}, val_sets={})
+        try:
+            sets[name] = build_datasets(dataclasses.replace(cfg, data=data)).val
+        except UserError as exc:
+            raise UserError(f"validation set `data.val_sets.{name}`: {exc}") from None
+    return sets
+
+
 def build_optimizer(cfg, params):
     o = cfg.optimizer
     return optim.OPTIMIZERS.resolve(o.name)(params, lr=o.lr, weight_decay=o.weight_decay, **o.kwargs)

@@ -44,6 +44,8 @@ class DataConfig:
     val_batch_size: Optional[int] = None  # None: same as batch_size
     num_workers: int = 0
     pin_memory: bool = False
+    # more validation sets: {name: {builder keys that differ from this section's}}; metrics val/<name>/<metric>
+    val_sets: dict = field(default_factory=dict)
     kwargs: dict = field(default_factory=dict)
 
 
@@ -460,7 +462,8 @@ def check_values(cfg: Config) -> list[tuple[str, str]]:
         if url_problem:
             problems.append(("dashboard.url", url_problem.replace("dashboard url ", "")))
     problems += _check_trackers(cfg.output.trackers)
-    problems += _check_monitor(c.monitor, t.metrics)
+    problems += _check_val_sets(d.val_sets)
+    problems += _check_monitor(c.monitor, t.metrics, d.val_sets)
     problems += _check_metric_entries(t.metrics)
     return problems
 
@@ -507,11 +510,33 @@ def _check_metric_entries(metrics):
 MONITORABLE = ("val_loss", "train_loss", "grad_norm")
 
 
-def _check_monitor(monitor, metrics):
+def _check_val_sets(val_sets):
+    if not isinstance(val_sets, dict):
+        return [("data.val_sets", f"must be a mapping of names to data keys, e.g. `{{noisy: {{noise_std: 0.2}}}}`, "
+                 f"got `{val_sets!r}`")]
+    problems = []
+    for name, keys in val_sets.items():
+        if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]+", name)):
+            problems.append(("data.val_sets", f"`{name}` is not a usable set name: letters, digits, `_` and `-` "
+                             "only (it becomes part of metric names and file columns)"))
+        elif not isinstance(keys, dict):
+            problems.append((f"data.val_sets.{name}", f"must be a mapping of the data builder's keys that differ "
+                             f"for this set (e.g. `{{val_path: other.npz}}`), got `{keys!r}`"))
+    return problems
+
+
+def val_set_names(name, metrics):
+    """The metric names a validation set named `name` (from data.val_sets) produces."""
+    return [f"val/{name}/loss", *(f"val/{name}/{m}" for m in metric_names(metrics))]
+
+
+def _check_monitor(monitor, metrics, val_sets=None):
     """`checkpoint.monitor` must be a value the run produces, or `best/` is never written and early
     stopping never fires."""
     names = metric_names(metrics)
     produced = [*MONITORABLE, *(f"val_{m}" for m in names)]
+    if isinstance(val_sets, dict):
+        produced += [n for name in val_sets if isinstance(name, str) for n in val_set_names(name, metrics)]
     if monitor in produced:
         return []
     from .metrics import METRICS

@@ -100,13 +100,17 @@ def run(trainer):
     # Sharded engines gather their parameters in forward; everywhere else the plain module (no DDP hooks).
     sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     model = trainer.model if sharded else acc.unwrap_model(trainer.model)
-    check_batch(trainer.cfg, trainer.data, model, trainer.loss_fn, trainer.metric_fns, acc.device)
+    check_batch(trainer.cfg, trainer.data, model, trainer.loss_fn, trainer.metric_fns, acc.device,
+                getattr(trainer, "val_sets", {}))
 
 
-def check_batch(cfg, data, model, loss_fn, metric_fns, device):
-    """Raise PreflightError unless a batch of each split of `data` goes through model, loss and metrics."""
+def check_batch(cfg, data, model, loss_fn, metric_fns, device, val_sets=None):
+    """Raise PreflightError unless a batch of each split of `data` (and of each of data.val_sets) goes through
+    model, loss and metrics."""
     with rng_kept(), torch.no_grad(), _eval_mode(model), _eager():
-        batches = {split: _first_batch(getattr(data, split), split, device) for split in ("train", "val")}
+        splits = {"train": data.train, "val": data.val,
+                  **{f"`data.val_sets.{name}`": dataset for name, dataset in (val_sets or {}).items()}}
+        batches = {split: _first_batch(dataset, split, device) for split, dataset in splits.items()}
         facts = DataFacts.of(cfg, data.metadata, *batches["train"])
         problems = _check_finite(batches) + _check_loss(cfg, facts) + _check_metrics(cfg, facts)
         problems += _check_model(cfg, facts)

@@ -32,7 +32,7 @@ from .resume import ResumeMixin
 from .losses import loss_and_terms
 from .run_log import TextLog
 from .saving import SavingMixin
-from .validation import ValidationMixin
+from .validation import ValidationMixin, renamed_for_set
 from .sinks import RunStart, Sinks, build_sinks
 from .state import StateRegistry, TrainState
 from .step_stats import EpochStatsState, StepStats
@@ -78,6 +78,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self.metric_fns = components.build_metrics(cfg, self.data.metadata)
         optimizer = components.build_optimizer(cfg, model.parameters())
         train_loader, val_loader = self._make_loaders()
+        self.val_sets = components.build_val_sets(cfg)  # data.val_sets: more validation sets, by name
         self.state = TrainState(world_size=acc.num_processes, gradient_accumulation_steps=t.gradient_accumulation_steps)
         # On CPU the batches are already where they go: skipping the loaders' device placement saves
         # ~20 us per batch (measured by bench/overhead.py --breakdown).
@@ -85,6 +86,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self.model, self.optimizer, self.train_loader, self.val_loader = acc.prepare(
             model, optimizer, train_loader, val_loader, device_placement=[True, True, place_batches, place_batches]
         )
+        self.val_set_loaders = {name: acc.prepare(self._val_loader(dataset), device_placement=[place_batches])
+                                for name, dataset in self.val_sets.items()}
         self._compile(t.compile)
         # The schedule is stepped by the trainer once per optimizer step, not prepared by accelerate.
         self.schedule = components.build_schedule(cfg, optimizer, self._size_steps())
@@ -170,9 +173,12 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         # would shift dropout masks); with the seedable sampler the shuffle depends on (seed, epoch) only.
         train = DataLoader(self.data.train, batch_size=d.batch_size, shuffle=True, num_workers=d.num_workers,
                            pin_memory=d.pin_memory, generator=torch.Generator().manual_seed(self.cfg.seed))
-        val = DataLoader(self.data.val, batch_size=d.val_batch_size or d.batch_size, shuffle=False,
-                         num_workers=d.num_workers, pin_memory=d.pin_memory)
-        return train, val
+        return train, self._val_loader(self.data.val)
+
+    def _val_loader(self, dataset: Any) -> DataLoader:
+        d = self.cfg.data
+        return DataLoader(dataset, batch_size=d.val_batch_size or d.batch_size, shuffle=False,
+                          num_workers=d.num_workers, pin_memory=d.pin_memory)
 
     @functools.cached_property
     def config_yaml(self) -> str:
@@ -275,6 +281,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self.validation_at_epoch_end = at_epoch_end
         self.callbacks.fire(Event.ON_VALIDATION_START, self)
         metrics = self.validate(confusion=at_epoch_end and self._confusion_due(epoch_number))
+        for name, loader in self.val_set_loaders.items():
+            metrics.update(renamed_for_set(self.validate(loader=loader), name))
         self.progress.show_validation(metrics)
         return metrics
 

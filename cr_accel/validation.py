@@ -25,8 +25,9 @@ class ValidationMixin:
     last_confusion: torch.Tensor | None
 
     @torch.no_grad()
-    def validate(self, confusion: bool = False) -> dict[str, float]:
-        """Exact means over the validation set for any number of processes, with one reduction at the end:
+    def validate(self, confusion: bool = False, loader: Any = None) -> dict[str, float]:
+        """Exact means over the validation set (or the prepared `loader`'s) for any number of processes, with
+        one reduction at the end:
         `val_loss`, `val_loss/<term>` for a loss with named terms, `val_<metric>` per metric. With `confusion`
         (classification), also the confusion matrix counts, kept in `self.last_confusion`.
 
@@ -46,7 +47,7 @@ class ValidationMixin:
         sums: dict[str, torch.Tensor] = {}  # float64 sums on the device: no sync until the end
         counts = None
         count = 0
-        for inputs, targets in self.progress.validation(self.val_loader):
+        for inputs, targets in self.progress.validation(self.val_loader if loader is None else loader):
             outputs = self.model(inputs)
             weight = 1
             if acc.num_processes > 1 and state.end_of_dataloader and state.remainder != 0:
@@ -74,6 +75,12 @@ class ValidationMixin:
                                if counts is not None else None)
         self.model.train()
         return {name: v / max(count, 1) for name, v in zip(names, values)}
+
+
+def renamed_for_set(metrics: dict[str, float], name: str) -> dict[str, float]:
+    """The metrics of validation set `name` (data.val_sets): `val_loss` -> `val/<name>/loss`, `val_loss/<term>`
+    -> `val/<name>/loss/<term>`, `val_<metric>` -> `val/<name>/<metric>`."""
+    return {f"val/{name}/{key[len('val_'):]}": value for key, value in metrics.items()}
 
 
 def _add_confusion(counts: torch.Tensor | None, outputs: torch.Tensor, targets: torch.Tensor,

@@ -343,3 +343,41 @@ def test_eval_every_steps_validates_mid_epoch_into_steps_csv_and_best_follows(tm
     best = checkpoint.read_state(tmp_path / "run" / "checkpoints" / "best")
     assert best["trainer"]["global_step"] == best_step
     assert best["callbacks"]["checkpoint_policy"]["best"] == everything[best_step]
+
+
+def test_val_sets_are_validated_by_name_monitored_and_checked_before_anything_runs(tmp_path):
+    """data.val_sets: each set's metrics as val/<name>/<metric> in metrics.csv, equal to the loss of the model on
+    that set computed here; one of them monitored for best/; a bad name, an unknown monitor and a set whose
+    samples do not fit the model are refused before training."""
+    from cr_accel import checkpoint
+    from cr_accel.errors import ConfigError, UserError
+
+    data = regression_files(tmp_path, n=20)
+    g = torch.Generator().manual_seed(3)
+    other = {"inputs": torch.randn(6, 8, generator=g), "targets": torch.randn(6, 4, generator=g)}
+    torch.save(other, tmp_path / "other.pt")
+    sets = {"other": {"val_path": str(tmp_path / "other.pt")}}
+    cfg = mlp_config(tmp_path, data, data__val_sets=sets, checkpoint__monitor="val/other/loss")
+    trainer = Trainer(cfg)
+    assert trainer.train() == "finished"
+    rows = read_csv(tmp_path / "run" / "metrics.csv")
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(model(other["inputs"]), other["targets"]).item()
+    assert float(rows[-1]["val/other/loss"]) == pytest.approx(expected, rel=1e-6)
+    assert rows[-1]["val_loss"] != rows[-1]["val/other/loss"]
+    by_epoch = {int(r["epoch"]): float(r["val/other/loss"]) for r in rows}
+    best = checkpoint.read_state(tmp_path / "run" / "checkpoints" / "best")
+    assert best["trainer"]["epoch"] == min(by_epoch, key=by_epoch.get)
+    assert best["callbacks"]["checkpoint_policy"]["best"] == min(by_epoch.values())  # the set's, not val_loss
+
+    with pytest.raises(ConfigError, match="not a usable set name"):
+        mlp_config(tmp_path, data, data__val_sets={"a b": {}})
+    with pytest.raises(ConfigError, match="did you mean `val/other/loss`"):
+        mlp_config(tmp_path, data, data__val_sets=sets, checkpoint__monitor="val/other/los")
+    torch.save({"inputs": torch.randn(6, 5), "targets": torch.randn(6, 4)}, tmp_path / "narrow.pt")
+    narrow = mlp_config(tmp_path, data, data__val_sets={"narrow": {"val_path": str(tmp_path / "narrow.pt")}},
+                        output__dir=str(tmp_path / "narrow_run"))
+    with pytest.raises(UserError, match="data.val_sets.narrow"):
+        Trainer(narrow).train()
+    assert not (tmp_path / "narrow_run").exists()
