@@ -173,6 +173,35 @@ def build_optimizer(cfg, params):
     return optim.OPTIMIZERS.resolve(o.name)(params, lr=o.lr, weight_decay=o.weight_decay, **o.kwargs)
 
 
+def stage_config(cfg, stage):
+    """The Config a stage (cr_accel/stages.py) trains with: the run's, with the stage's sections applied."""
+    from .config import config_from_dict
+    from .stages import stage_dict
+
+    return config_from_dict(stage_dict(cfg.to_dict(), stage.raw), check_components=False)
+
+
+def build_staged_schedule(cfg, stage_cfgs, spans, optimizer):
+    """One schedule over every stage: stage i's own schedule over its span, scaled by its lr."""
+    from .stages import stage_factor
+
+    def stage_builder(stage_cfg):
+        s = stage_cfg.scheduler
+        builder = schedule.SCHEDULES.resolve(s.name)
+        return lambda span: builder(num_training_steps=span, num_warmup_steps=schedule.warmup_steps_for(s, span),
+                                    min_lr_ratio=s.min_lr_ratio, **s.kwargs)
+
+    builders = [stage_builder(c) for c in stage_cfgs]
+    try:
+        return schedule.StepSchedule(optimizer, lambda _total, _warmup: stage_factor(
+            spans, stage_cfgs, cfg.optimizer.lr, builders), sum(spans), 0)
+    except Exception as exc:  # a builder refusing a stage's scheduler keys
+        from .building import describe_exception
+
+        raise UserError(f"the stages' schedules could not be built: {describe_exception(exc)}; check each stage's "
+                        "`scheduler` keys") from None
+
+
 def build_schedule(cfg, optimizer, num_training_steps):
     s = cfg.scheduler
     builder = schedule.SCHEDULES.resolve(s.name)

@@ -132,6 +132,9 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     seed: int = 42
+    # spans of the run with their own optimizer lr/weight_decay, scheduler, loss, freeze, data.batch_size
+    # (see cr_accel/stages.py and "Stages" in the README); empty: one stage, the sections above
+    stages: list = field(default_factory=list)
 
     @property
     def resolved_mixed_precision(self):
@@ -225,6 +228,10 @@ def config_from_dict(raw: dict[str, Any], check_components: bool = True, problem
     problems = list(problems or [])
     cfg, flagged = _from_dict(raw, problems)
     problems += [f"`{key}`: {msg}" for key, msg in check_values(cfg) if key not in flagged]
+    if cfg.stages and "stages" not in flagged and not problems:
+        from .stages import check_stages
+
+        problems += [f"`{key}`: {msg}" for key, msg in check_stages(cfg.stages, cfg.to_dict())]
     if check_components:
         from .components import check_components as check
 

@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from . import checkpoint, components, memory, preflight
+from . import checkpoint, components, memory, preflight, stages
 from .callbacks import Callback, CallbackList, Event, TrainingState, builtin_callbacks
 from .callbacks.checkpointing import CheckpointPolicy
 from .checkpoint.async_writer import BackgroundSave, why_synchronous
@@ -75,10 +75,15 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self.data = components.build_datasets(cfg)
         model = components.build_model(cfg)
         self.loss_fn = components.build_loss(cfg, self.data.metadata).to(acc.device)
+        self._loss_cfg = cfg.loss  # the loss section self.loss_fn was built from (stages may change it)
         self.metric_fns = components.build_metrics(cfg, self.data.metadata)
         optimizer = components.build_optimizer(cfg, model.parameters())
         train_loader, val_loader = self._make_loaders()
         self.val_sets = components.build_val_sets(cfg)  # data.val_sets: more validation sets, by name
+        self.stages = stages.Stages(stages.parse(cfg.stages), spans=[])  # empty without `stages:`
+        self.stage_configs = [components.stage_config(cfg, stage) for stage in self.stages.stages]
+        if self.stages:
+            stages.check_freeze(self.stages.stages, model)
         self.state = TrainState(world_size=acc.num_processes, gradient_accumulation_steps=t.gradient_accumulation_steps)
         # On CPU the batches are already where they go: skipping the loaders' device placement saves
         # ~20 us per batch (measured by bench/overhead.py --breakdown).
@@ -88,13 +93,21 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         )
         self.val_set_loaders = {name: acc.prepare(self._val_loader(dataset), device_placement=[place_batches])
                                 for name, dataset in self.val_sets.items()}
+        # One prepared training loader per batch size the stages use, made up front: the same loaders (and the
+        # same files in checkpoints) whichever stage a run starts or resumes in.
+        self.train_loaders = {cfg.data.batch_size: self.train_loader}
+        for size in sorted({c.data.batch_size for c in self.stage_configs} - {cfg.data.batch_size}):
+            self.train_loaders[size] = acc.prepare(self._train_loader(size), device_placement=[place_batches])
         self._compile(t.compile)
         # The schedule is stepped by the trainer once per optimizer step, not prepared by accelerate.
-        self.schedule = components.build_schedule(cfg, optimizer, self._size_steps())
+        total_steps = self._size_steps()
+        self.schedule = (components.build_staged_schedule(cfg, self.stage_configs, self.stages.spans, optimizer)
+                         if self.stages else components.build_schedule(cfg, optimizer, total_steps))
 
         self.plain_step = acc.scaler is None and acc.distributed_type in UNSHARDED_TYPES
         self.step_optimizer = optimizer if self.plain_step else self.optimizer
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]  # trainable now (stages may freeze some)
+        self.frozen: list[torch.nn.Parameter] = []  # a stage's frozen parameters: their gradients are dropped
         self.max_grad_norm = t.grad_clip if t.grad_clip is not None else math.inf
 
         self.should_stop = False
@@ -125,6 +138,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         """Everything a checkpoint holds besides accelerate's files, each part saving and loading itself."""
         registry = StateRegistry()
         registry.register("trainer", self.state)
+        if self.stages:
+            registry.register("stages", self.stages)
         registry.register("schedule", self.schedule)
         registry.register("callbacks", self.callbacks)
         registry.register("epoch_stats", EpochStatsState(self.stats, self.accelerator))
@@ -151,9 +166,43 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self.accelerator.gradient_accumulation_steps = self.accumulation
         self.steps_per_epoch = math.ceil(len(self.train_loader) / self.accumulation)
         self.total_steps = t.epochs * self.steps_per_epoch
+        if self.stages:
+            self.stages.set_spans([self._stage_span(stage, c) for stage, c in zip(self.stages.stages, self.stage_configs)])
+            self.total_steps = sum(self.stages.spans)
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
         return self.total_steps
+
+    def _stage_span(self, stage: stages.Stage, stage_cfg: Config) -> int:
+        """A stage's length in optimizer steps, at its own batch size."""
+        if stage.unit == "steps":
+            return stage.length
+        return stage.length * math.ceil(len(self.train_loaders[stage_cfg.data.batch_size]) / self.accumulation)
+
+    def _enter_stage(self, announce: bool = True) -> None:
+        """Apply the current stage's settings: weight decay, loss, frozen parameters, training loader. A pure
+        function of the stage, so a resume applies the same ones."""
+        i, stage_cfg = self.stages.current, self.stage_configs[self.stages.current]
+        for group in self.step_optimizer.param_groups:
+            group["weight_decay"] = stage_cfg.optimizer.weight_decay
+        if stage_cfg.loss != self._loss_cfg:
+            self.loss_fn = components.build_loss(stage_cfg, self.data.metadata).to(self.accelerator.device)
+            self._loss_cfg = stage_cfg.loss
+        model = self.accelerator.unwrap_model(self.model)
+        self.frozen, self.params = stages.frozen_parameters(model, self.stages.stage.freeze)
+        if announce:
+            frozen = f", frozen: {', '.join(self.stages.stage.freeze)}" if self.frozen else ""
+            self.text_log.info(f"stage {i + 1}/{len(self.stages.stages)} `{self.stages.stage.name}` from step "
+                               f"{self.global_step}: {self.stages.spans[i]} optimizer steps, lr "
+                               f"{stage_cfg.optimizer.lr:g}, weight decay {stage_cfg.optimizer.weight_decay:g}, "
+                               f"batch size {stage_cfg.data.batch_size}, loss {stage_cfg.loss.name}{frozen}")
+
+    def _use_stage_loader(self) -> None:
+        """The training loader of the epoch about to run: the current stage's at an epoch start; mid-epoch (a
+        resume), that of the stage the epoch's steps so far belong to (a batch size changes at epoch ends only)."""
+        i = self.stages.index_at(self.global_step - 1) if self.batch_in_epoch > 0 else self.stages.current
+        self.train_loader = self.train_loaders[self.stage_configs[i].data.batch_size]
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / self.accumulation)
 
     def _compile(self, mode: bool | str) -> None:
         """torch.compile in place (nn.Module.compile): the module keeps its parameter names, so checkpoints
@@ -168,12 +217,14 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self.accelerator.unwrap_model(self.model).compile(**options)
 
     def _make_loaders(self) -> tuple[DataLoader, DataLoader]:
+        return self._train_loader(self.cfg.data.batch_size), self._val_loader(self.data.val)
+
+    def _train_loader(self, batch_size: int) -> DataLoader:
         d = self.cfg.data
         # The loader's own generator keeps iterator creation from drawing on the global RNG (which
         # would shift dropout masks); with the seedable sampler the shuffle depends on (seed, epoch) only.
-        train = DataLoader(self.data.train, batch_size=d.batch_size, shuffle=True, num_workers=d.num_workers,
-                           pin_memory=d.pin_memory, generator=torch.Generator().manual_seed(self.cfg.seed))
-        return train, self._val_loader(self.data.val)
+        return DataLoader(self.data.train, batch_size=batch_size, shuffle=True, num_workers=d.num_workers,
+                          pin_memory=d.pin_memory, generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def _val_loader(self, dataset: Any) -> DataLoader:
         d = self.cfg.data
@@ -219,6 +270,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         if resume_from_checkpoint is not None:
             self._resume(resume_from_checkpoint, allow_config_change)
         self._write_run_files()
+        if self.stages:
+            self._enter_stage()
         acc = self.accelerator
         self.sinks.start(RunStart(config=self.cfg.to_dict(), world_size=acc.num_processes, device=str(acc.device),
                                   epochs_done=self.epoch, steps_done=self.global_step, resumed=self.resumed_from is not None))
@@ -259,6 +312,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         metrics["step"] = self.global_step
         metrics["best_val"] = self.best_value if self.best_value is not None else math.nan
         metrics["lr"] = self.schedule.lr_of_last_step()[0]
+        if self.stages:
+            metrics.update(self.stages.record(self.global_step))
         epoch_time = time.perf_counter() - started
         metrics["samples_per_s"] = metrics.pop("samples") / epoch_time
         metrics["epoch_time"] = epoch_time
@@ -298,6 +353,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         """One pass over the training data; returns the epoch's train metrics, reduced over processes."""
         acc, t = self.accelerator, self.cfg.training
         self.model.train()
+        if self.stages:
+            self._use_stage_loader()
         self.train_loader.set_epoch(epoch)  # every epoch, also after a restart: the shuffle follows it
         loader = self.train_loader
         if self._resumed_mid_epoch:
@@ -331,6 +388,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
             if not synced:
                 continue
             norm = self._optimizer_step(loss, terms)
+            if self.stages and self.stages.after_step(self.global_step):
+                self._enter_stage()
             if step_listeners:
                 self.callbacks.fire(Event.ON_STEP_END, self, self._step_state(loss, terms, norm,
                                                                               self.schedule.last_step_lr))
@@ -367,6 +426,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         """Clip (recording the pre-clip norm), step, advance the LR schedule, zero the gradients; returns the
         pre-clip gradient norm."""
         acc = self.accelerator
+        for param in self.frozen:
+            param.grad = None
         if self.plain_step:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         else:
@@ -418,6 +479,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         lr = self.schedule.lr_of_last_step()[0]
         record = {"step": self.global_step, "epoch": epoch + 1, "loss": values.pop("loss"), "lr": lr,
                   "grad_norm": values.pop("grad_norm"), **values, **(validation or {}), **self._take_logged()}
+        if self.stages:
+            record.update(self.stages.record(self.global_step))
         self.sinks.log_step(record)
         self.progress.report(epoch, self.global_step, self.total_steps, record["loss"], lr)
 
