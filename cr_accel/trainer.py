@@ -68,7 +68,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         set_seed(cfg.seed, deterministic=t.deterministic)  # before anything draws random numbers
         self.accelerator = acc = make_accelerator(cfg)
         self.callbacks = CallbackList()
-        for cb in [*builtin_callbacks(cfg), *callbacks]:
+        for cb in [*builtin_callbacks(cfg, acc), *callbacks]:
             self.add_callback(cb)
 
         self.data = components.build_datasets(cfg)
