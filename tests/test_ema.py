@@ -241,9 +241,11 @@ def test_two_processes_keep_the_same_ema(tmp_path):
     assert_close(weights(model), expected)
     cfg = load_config(config, [f"output.dir={tmp_path / 'run'}"])
     data, loss_fn = components.build_datasets(cfg), components.build_loss(cfg)
-    inputs, targets = zip(*(data.val[i] for i in range(len(data.val))))
+    inputs, targets = (torch.stack(t) for t in zip(*(data.val[i] for i in range(len(data.val)))))
+    raw_model = cr_accel.load_model(ckpts / "step_00000004", ema=False)
     with torch.no_grad():
-        ema_loss = loss_fn(model(torch.stack(inputs)), torch.stack(targets)).item()
+        ema_loss, raw_loss = (loss_fn(m(inputs), targets).item() for m in (model, raw_model))
     with open(tmp_path / "run/metrics.csv", newline="") as f:
         last = list(csv.DictReader(f))[-1]
     assert float(last["val_loss"]) == pytest.approx(ema_loss, rel=1e-5)
+    assert abs(ema_loss - raw_loss) > 1e-4 * raw_loss  # the two models really differ on this data
