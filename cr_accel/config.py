@@ -88,6 +88,12 @@ class TrainingConfig:
     # torch.compile the model in place (its parameter names stay plain, so checkpoints resume either way);
     # true = the default mode, or a mode by name.
     compile: typing.Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = False
+    # An exponential moving average of the weights (callbacks/ema.py), used for validation, `best/` and
+    # load_model: null = off; else the decay in (0, 1), e.g. 0.999. Before optimizer step `ema_start_step` the
+    # average copies the weights; from then on it is updated every `ema_every` optimizer steps.
+    ema_decay: Optional[float] = None
+    ema_start_step: int = 0
+    ema_every: int = 1
 
 
 @dataclass
@@ -447,6 +453,10 @@ def check_values(cfg: Config) -> list[tuple[str, str]]:
          f"must be >= 1 or null (off), got {t.early_stopping_patience}"),
         ("training.early_stopping_min_delta", t.early_stopping_min_delta >= 0,
          f"must be >= 0, got {t.early_stopping_min_delta}"),
+        ("training.ema_decay", t.ema_decay is None or 0 < t.ema_decay < 1,
+         f"must be in (0, 1) (e.g. 0.999), or null for no EMA, got {t.ema_decay}"),
+        ("training.ema_start_step", t.ema_start_step >= 0, f"must be >= 0, got {t.ema_start_step}"),
+        ("training.ema_every", t.ema_every >= 1, f"must be >= 1, got {t.ema_every}"),
         ("data.batch_size", d.batch_size >= 1, f"must be >= 1, got {d.batch_size}"),
         ("data.val_batch_size", d.val_batch_size is None or d.val_batch_size >= 1, f"must be >= 1, got {d.val_batch_size}"),
         ("data.num_workers", d.num_workers >= 0, f"must be >= 0, got {d.num_workers}"),

@@ -132,6 +132,12 @@ def _join_tensors(value, tensors):
     return value
 
 
+def resolve_tensors(value, tensors):
+    """A part's saved state with its tensor references replaced by the tensors, for readers of a checkpoint
+    outside a registry (load_model's EMA)."""
+    return _join_tensors(value, tensors)
+
+
 # Format 1 (before the registry) kept the parts as flat keys; what a format-1 file lacks takes these values.
 LEGACY_DEFAULTS: dict[str, typing.Any] = {"batch_in_epoch": 0, "best_value": None, "bad_validations": 0, "callbacks": {},
                    "epoch_stats": None, "dataset": {}}

@@ -67,7 +67,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         set_seed(cfg.seed, deterministic=t.deterministic)  # before anything draws random numbers
         self.accelerator = acc = make_accelerator(cfg)
         self.callbacks = CallbackList()
-        for builtin in builtin_callbacks(cfg):
+        for builtin in builtin_callbacks(cfg, acc):
             self.callbacks.add(builtin, builtin=True)
         for cb in callbacks:
             self.add_callback(cb)

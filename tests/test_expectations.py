@@ -40,6 +40,7 @@ DEFAULT_RESOLVED = {
     "scheduler": {"name": "cosine", "warmup_ratio": 0.05, "warmup_steps": None, "min_lr_ratio": 0.0},
     "training": {"epochs": 300, "max_steps": None, "gradient_accumulation_steps": 1, "grad_clip": 1.0,
                  "use_amp": True, "mixed_precision": None, "eval_every": 1, "eval_every_steps": None, "log_every": 50,
+                 "ema_decay": None, "ema_start_step": 0, "ema_every": 1,
                  "early_stopping_patience": None, "early_stopping_min_delta": 0.0, "skip_nonfinite": False,
                  "deterministic": False, "metrics": ["psnr"], "compile": False},
     "checkpoint": {"save_every": 10, "save_every_steps": None, "keep_last_n": 3, "monitor": "val_loss",

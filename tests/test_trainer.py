@@ -288,13 +288,15 @@ def test_log_file_and_csv(tmp_path):
         assert rows[-1][column] != "", column
 
 
-def test_no_host_device_sync_per_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema_decay", [None, 0.99], ids=["plain", "ema"])
+def test_no_host_device_sync_per_step(tmp_path, monkeypatch, ema_decay):
     """The trainer and accelerate read tensors on the host (item, bool, float, tolist, cpu) per log
-    interval, not per step. (torch's Adam reads its step counter, a CPU tensor even for CUDA parameters,
-    with .item(): not a device sync, and the hand-written loop does the same, so torch's own frames
-    are not counted.)"""
+    interval, not per step; so does the EMA of the weights. (torch's Adam reads its step counter, a CPU
+    tensor even for CUDA parameters, with .item(): not a device sync, and the hand-written loop does the
+    same, so torch's own frames are not counted.)"""
     data = regression_files(tmp_path, n=200)
-    cfg = mlp_config(tmp_path, data, data__batch_size=2, data__val_ratio=0.5, training__epochs=1)
+    cfg = mlp_config(tmp_path, data, data__batch_size=2, data__val_ratio=0.5, training__epochs=1,
+                     training__ema_decay=ema_decay)
     trainer = Trainer(cfg)
     counts = {"n": 0}
     for name in ("item", "__bool__", "__float__", "tolist", "cpu"):

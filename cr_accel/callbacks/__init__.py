@@ -216,16 +216,25 @@ def hook_names() -> set[str]:
     return {name for name, _ in inspect.getmembers(Callback, inspect.isfunction) if name.startswith("on_")}
 
 
-def builtin_callbacks(cfg: Any) -> list[Callback]:
-    """The checkpoint policy, early stopping (training.early_stopping_patience), the pictures of validation
-    (output.samples_every) and, for TensorBoard, the histograms of weights and gradients
-    (output.histograms_every): callbacks like a user's, so each can be replaced (see CallbackList)."""
+def builtin_callbacks(cfg: Any, accelerator: Any = None) -> list[Callback]:
+    """The EMA of the weights (training.ema_decay), the checkpoint policy, early stopping
+    (training.early_stopping_patience), the pictures of validation (output.samples_every) and, for TensorBoard,
+    the histograms of weights and gradients (output.histograms_every): callbacks like a user's, so each can be
+    replaced (see CallbackList). `accelerator`: the run's, where EMA checks it can work."""
     from .checkpointing import CheckpointPolicy, EarlyStopping
+    from .ema import EMA, check_engine
     from .histograms import Histograms
     from .pictures import ValidationPictures
 
-    callbacks: list[Callback] = [CheckpointPolicy.from_config(cfg)]
-    if cfg.training.early_stopping_patience is not None:
+    callbacks: list[Callback] = []
+    t = cfg.training
+    if t.ema_decay is not None:
+        if accelerator is not None:
+            check_engine(accelerator)
+        # First: its on_epoch_end puts the raw weights back before any other epoch-end hook runs (ema.py).
+        callbacks.append(EMA(t.ema_decay, t.ema_start_step, t.ema_every))
+    callbacks.append(CheckpointPolicy.from_config(cfg))
+    if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping.from_config(cfg))
     if cfg.output.samples_every:
         callbacks.append(ValidationPictures(cfg.output.samples_every))

@@ -9,7 +9,7 @@ import yaml
 
 from .files import CheckpointError
 from .layouts import load_model_state, model_shapes, plain_name
-from .store import CONFIG, is_complete, verify
+from .store import CONFIG, is_complete, read_state, read_tensors, verify
 
 
 def check_model_matches(path: str | os.PathLike, model: torch.nn.Module) -> None:
@@ -27,11 +27,15 @@ def check_model_matches(path: str | os.PathLike, model: torch.nn.Module) -> None
                               "Use the model section the checkpoint was trained with (its config.yaml)")
 
 
-def load_model(run_dir_or_checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_model(run_dir_or_checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
+               ema: bool = True) -> torch.nn.Module:
     """The trained model, ready for inference, from a run folder (its best checkpoint, else its last) or a
     checkpoint folder: no trainer, optimizer or data needed.
 
         model = cr_accel.load_model("runs/default")
+
+    `ema`: a run with `training.ema_decay` gives its EMA weights (what its validation and `best/` measured);
+    `ema=False` the raw ones. A checkpoint without an EMA gives its raw weights either way.
     """
     from ..components import build_model
     from ..config import config_from_dict
@@ -47,4 +51,22 @@ def load_model(run_dir_or_checkpoint: str | os.PathLike, device: str | torch.dev
     model = build_model(cfg)
     check_model_matches(path, model)
     model.load_state_dict(load_model_state(path, device))
+    if ema:
+        _load_ema(path, model)
     return model.to(device).eval()
+
+
+def _load_ema(path: Path, model: torch.nn.Module) -> None:
+    """The checkpoint's EMA weights into `model`'s parameters, if it has them (buffers stay the model's)."""
+    from ..callbacks.ema import saved_averages
+
+    averages = saved_averages(read_state(path), read_tensors(path))
+    if averages is None:
+        return
+    params = dict(model.named_parameters())
+    wrong = [n for n, t in averages.items() if n not in params or params[n].shape != t.shape]
+    if wrong:
+        raise CheckpointError(f"checkpoint `{path}`: its EMA does not fit the model (`{'`, `'.join(wrong[:8])}`)")
+    with torch.no_grad():
+        for name, average in averages.items():
+            params[name].copy_(average)
