@@ -106,7 +106,7 @@ def run(trainer):
 def check_batch(cfg, data, model, loss_fn, metric_fns, device):
     """Raise PreflightError unless a batch of each split of `data` goes through model, loss and metrics."""
     with rng_kept(), torch.no_grad(), _eval_mode(model), _eager():
-        batches = {split: _first_batch(getattr(data, split), split, device) for split in ("train", "val")}
+        batches = {split: first_batch(getattr(data, split), split, device) for split in ("train", "val")}
         facts = DataFacts.of(cfg, data.metadata, *batches["train"])
         problems = _check_finite(batches) + _check_loss(cfg, facts) + _check_metrics(cfg, facts)
         problems += _check_model(cfg, facts)
@@ -152,9 +152,10 @@ def _eager():
     return stance("force_eager") if stance else contextlib.nullcontext()
 
 
-def _first_batch(dataset, split, device):
-    """Items [0:k] of the dataset, collated as the DataLoader does, on the training device."""
-    k = min(BATCH_SIZE, len(dataset))
+def first_batch(dataset, split, device, k=BATCH_SIZE):
+    """Items [0:k] of the dataset, collated as the DataLoader does, on the training device (read by index: no
+    generator or sampler draws; also auto_batch_size's probe batch)."""
+    k = min(k, len(dataset))
     if k == 0:
         raise UserError(f"the {split} split of the data is empty; add samples or change the data section")
     try:
