@@ -60,6 +60,9 @@ def run_training(args: argparse.Namespace, callbacks: Iterable[Any] = ()) -> int
                         f"(e.g. {Path(cfg.output.dir) / 'checkpoints' / 'last'}) or `latest`")
     check_writable(cfg.output.dir)
     earlier = _earlier_run(cfg, args.overwrite) if resume is None else []
+    import torch
+
+    from .oom import OutOfMemory, unexplained
     from .preemption import PREEMPTED_EXIT_CODE
     from .step_stats import NonFiniteLossError
     from .trainer import Trainer
@@ -71,6 +74,12 @@ def run_training(args: argparse.Namespace, callbacks: Iterable[Any] = ()) -> int
         status = trainer.train(resume_from_checkpoint=resume, allow_config_change=args.allow_config_change)
     except NonFiniteLossError as exc:
         _error(f"training stopped: {exc}")
+        return EXIT_TRAINING_FAILED
+    except OutOfMemory as exc:  # training, validation, the preflight or auto_batch_size's search
+        _training_failed(str(exc))
+        return EXIT_TRAINING_FAILED
+    except torch.OutOfMemoryError as exc:  # elsewhere: placing the model, loading or saving a checkpoint
+        _training_failed(unexplained(exc))
         return EXIT_TRAINING_FAILED
     except OSError as exc:  # a log, CSV or run file on a disk that filled up or turned read-only
         error = write_failure(exc, "a file of the run", cfg.output.dir)
@@ -110,6 +119,15 @@ def _is_main_process():
 def _error(message):
     if _is_main_process():  # every process finds the same user error; say it once
         print(f"error: {message}", file=sys.stderr)
+
+
+def _training_failed(message):
+    """A failure of the training itself (exit 1), said in one line by the main process; every process records it
+    too, for the launcher to say when only another process met it (out of memory on one GPU)."""
+    from .launch_exit import note_message
+
+    _error(message)
+    note_message(message)
 
 
 def main_train(argv: Sequence[str] | None = None, prog: str = "train.py") -> int:

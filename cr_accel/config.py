@@ -73,6 +73,9 @@ class TrainingConfig:
     epochs: int = 300
     max_steps: Optional[int] = None  # stop after this many optimizer steps, whatever `epochs` says
     gradient_accumulation_steps: int = 1
+    # before training, find the largest micro-batch that fits (halving data.batch_size on out-of-memory) and
+    # raise the accumulation so the global batch stays the same; the choice is kept in the checkpoints
+    auto_batch_size: bool = False
     grad_clip: Optional[float] = 1.0  # max total gradient norm; None: no clipping (the norm is still recorded)
     use_amp: Optional[bool] = None  # short form: true = mixed_precision auto, false = no
     mixed_precision: Optional[Literal["no", "fp16", "bf16", "auto"]] = None

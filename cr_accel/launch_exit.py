@@ -3,14 +3,18 @@ non-zero exit into its own exit 1 with a ~40-line ChildFailedError traceback, so
 preemption (75) of a multi-process run would look like a crash. This module fixes that in two halves.
 
 Workers (`train.py`): `recorded(main)` runs the trainer's main and, when `CR_ACCEL_EXIT_DIR` is set,
-writes `rank<RANK>.json` there with its exit code and the time, just before the process exits.
+writes `rank<RANK>.json` there with its exit code and the time, just before the process exits -- and the
+one-line message of a training failure the CLI explained (`note_message`: out of memory), which the
+main process alone prints.
 
 Launcher: `python -m cr_accel.launch_exit [accelerate launch options] train.py ...` (what `launch.sh`
 runs) is `accelerate launch` run in this process, with a fresh `CR_ACCEL_EXIT_DIR`. Afterwards the
 workers' records decide the exit code: the earliest non-zero record is the root cause (the agent
 SIGTERMs the other workers once one has exited, so later codes are consequences); 2 and 75 pass
 through, anything else is 1. A 75 is only ever recorded after the trainer's final agreement between all
-processes, so the checkpoint is complete whatever the other workers did next. Without records (a
+processes, so the checkpoint is complete whatever the other workers did next. A 1 whose root cause
+recorded a message was explained: no traceback either, and the message is printed here when the main
+process did not say it (it was another process that ran out of memory). Without records (a
 script that does not call `recorded`) the root cause torchrun reports is used the same way. For 2 and
 75 the agent's traceback and its log lines about stopping workers are not shown (the trainer has said
 what happened, once); for any other failure they are printed, as `accelerate launch` would.
@@ -30,6 +34,13 @@ EXIT_DIR_ENV = "CR_ACCEL_EXIT_DIR"
 # torchrun's agent passes on only these signals by default; the trainer also checkpoints on SIGUSR1
 # (SLURM's warning signal), which would otherwise kill the agent and orphan the workers.
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+_message = None  # the failure this process explained, for its record
+
+
+def note_message(message):
+    """This process's training failure, in the one line the CLI says (recorded with the exit code)."""
+    global _message
+    _message = message
 
 
 # ---------------------------------------------------------------- the workers' half
@@ -57,7 +68,10 @@ def _record(code):
     path = Path(folder) / f"rank{rank}.json"
     try:  # write, then rename: the launcher never reads half a record
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"rank": int(rank), "code": int(code), "time": time.time()}))
+        record = {"rank": int(rank), "code": int(code), "time": time.time()}
+        if _message is not None and code != 0:
+            record["message"] = _message
+        tmp.write_text(json.dumps(record))
         tmp.replace(path)
     except (OSError, ValueError):
         pass  # the launcher then falls back to what torchrun reports
@@ -65,14 +79,32 @@ def _record(code):
 
 def read_records(folder):
     """[(time, rank, code)] of every well-formed record in `folder`, oldest first."""
+    return sorted(record[:3] for record in _read(folder))
+
+
+def read_messages(folder):
+    """{rank: the failure it explained} of the records that hold one."""
+    return {rank: message for _, rank, _, message in _read(folder) if isinstance(message, str)}
+
+
+def _read(folder):
     found = []
     for path in Path(folder).glob("rank*.json"):
         try:
             r = json.loads(path.read_text())
-            found.append((float(r["time"]), int(r["rank"]), int(r["code"])))
-        except (OSError, ValueError, KeyError, TypeError):
+            found.append((float(r["time"]), int(r["rank"]), int(r["code"]), r.get("message")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-    return sorted(found)
+    return found
+
+
+def explained_failure(records, messages):
+    """(whether the run failed with a message its root cause explained, the line to print here or None): the
+    main process prints its own; a message only another process recorded is printed by the launcher."""
+    failed = [(rank, code) for _, rank, code in records if code != 0]
+    if not failed or failed[0][0] not in messages:
+        return False, None
+    return True, (None if 0 in messages else f"error: {messages[failed[0][0]]}")
 
 
 # ---------------------------------------------------------------- the launcher's half
@@ -157,10 +189,13 @@ def launch(argv):
     except (Exception, SystemExit, KeyboardInterrupt) as exc:  # ChildFailedError, SignalException, ...
         error = exc
     finally:
-        records = read_records(exit_dir)
+        records, messages = read_records(exit_dir), read_messages(exit_dir)
         shutil.rmtree(exit_dir, ignore_errors=True)
     code = exit_code(records, error)
-    if code not in (2, 75):
+    explained, line = explained_failure(records, messages)
+    if line is not None:
+        print(line, file=sys.stderr)
+    if code not in (2, 75) and not explained:
         held.release()
         if error is not None and not isinstance(error, SystemExit):
             traceback.print_exception(error)

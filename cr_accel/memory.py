@@ -38,3 +38,23 @@ def _rss_bytes() -> float:
     except (OSError, ValueError, IndexError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux and BSD
+
+
+def capacity_and_peak(device: Any) -> str:
+    """What is known of the device's memory, in words, for an out-of-memory message: CUDA's total memory and the
+    most this process allocated on it; on the CPU the machine's RAM and this process's peak resident set."""
+    if getattr(device, "type", None) == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        peak = torch.cuda.max_memory_allocated(device)
+        return f"{device} has {_gib(total)} in total, this process peaked at {_gib(peak)} allocated"
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_rss = peak_rss if sys.platform == "darwin" else peak_rss * 1024
+    try:
+        ram = f"has {_gib(os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE'))} of RAM, "
+    except (OSError, ValueError):
+        ram = ""
+    return f"the {getattr(device, 'type', device)} machine {ram}this process peaked at {_gib(peak_rss)} resident"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"

@@ -110,7 +110,7 @@ def check_batch(cfg, data, model, loss_fn, metric_fns, device, val_sets=None):
     with rng_kept(), torch.no_grad(), _eval_mode(model), _eager():
         splits = {"train": data.train, "val": data.val,
                   **{f"`data.val_sets.{name}`": dataset for name, dataset in (val_sets or {}).items()}}
-        batches = {split: _first_batch(dataset, split, device) for split, dataset in splits.items()}
+        batches = {split: first_batch(dataset, split, device) for split, dataset in splits.items()}
         facts = DataFacts.of(cfg, data.metadata, *batches["train"])
         problems = _check_finite(batches) + _check_loss(cfg, facts) + _check_metrics(cfg, facts)
         problems += _check_model(cfg, facts)
@@ -156,9 +156,10 @@ def _eager():
     return stance("force_eager") if stance else contextlib.nullcontext()
 
 
-def _first_batch(dataset, split, device):
-    """Items [0:k] of the dataset, collated as the DataLoader does, on the training device."""
-    k = min(BATCH_SIZE, len(dataset))
+def first_batch(dataset, split, device, k=BATCH_SIZE):
+    """Items [0:k] of the dataset, collated as the DataLoader does, on the training device (read by index: no
+    generator or sampler draws; also auto_batch_size's probe batch)."""
+    k = min(k, len(dataset))
     if k == 0:
         raise UserError(f"the {split} split of the data is empty; add samples or change the data section")
     try:

@@ -12,6 +12,9 @@ steps and the LR schedule is unchanged. It is exact up to the order of floating-
 bitwise; each process's RNG is re-derived from (seed, rank, step), since the saved streams belonged to
 other ranks.
 
+A checkpoint that holds `training.auto_batch_size`'s choice (`cr_accel.auto_batch`) resumes at that
+micro-batch and its accumulation (the loaders are built again before anything is sized), without a search.
+
 The config is compared with the checkpoint's own `config.yaml` (`cr_accel.config_diff`): a change of a key
 that changes the run is refused -- for `latest` too, without trying older checkpoints -- unless
 `allow_config_change`; then every changed key is logged, changed optimizer settings take effect (the
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import components, schedule
+from . import auto_batch, components, schedule
 from .checkpoint import CheckpointError, check_model_matches, check_rng_restored, store
 from .checkpoint.store import load_refusing_pickles
 from .config_diff import ConfigChangedError, check_config, describe, read_checkpoint_config
@@ -126,6 +129,11 @@ class ResumeMixin:
     if TYPE_CHECKING:
         def _size_steps(self) -> int: ...
 
+        def use_micro_batch(self, size: int, accumulation: int) -> None: ...
+
+        @property
+        def micro_batch_size(self) -> int: ...
+
     def _resume(self, where: str | os.PathLike, allow_config_change: bool = False) -> None:
         """Load `where` (a folder, or `latest`): see the module's docstring for what is tried and refused."""
         rejected = []
@@ -168,9 +176,11 @@ class ResumeMixin:
         if problems:  # on every process, this one's own problem included
             config_changed, message = problems[0]
             raise (ConfigChangedError if config_changed else CheckpointError)(message)
-        parts, tensors, accumulation, changes, fresh = loaded
+        parts, tensors, accumulation, changes, fresh, micro_batch = loaded
         trainer_part = parts["trainer"]
         elastic = trainer_part["world_size"] != acc.num_processes
+        if micro_batch is not None:  # auto_batch_size chose it: the loaders at that size, and its accumulation
+            self.use_micro_batch(micro_batch, accumulation)
         if elastic:
             parts = self._rescale_for_world_size(parts, accumulation)
         self.registry.load_state_dict(parts, tensors)
@@ -194,11 +204,12 @@ class ResumeMixin:
         accumulation = saved.setdefault("gradient_accumulation_steps", then.training.gradient_accumulation_steps)
         if saved["world_size"] != acc.num_processes:
             accumulation = elastic_accumulation(saved["world_size"], accumulation, acc.num_processes)
+        micro_batch = auto_batch.stored_choice(parts)
         # After the process count (no config fixes that), before the model check (the diff names the keys).
         changes = check_config(path, then, self.cfg, allow_config_change)
         # Checkpoints from before the schedule saved its timing ran with their own config's.
         if "schedule" in parts:
-            parts["schedule"] = {**self._schedule_timing(then, saved), **parts["schedule"]}
+            parts["schedule"] = {**self._schedule_timing(then, saved, micro_batch), **parts["schedule"]}
         check_model_matches(path, self._model_to_check())
         # This run's optimizer settings, before load_state puts the checkpoint's into the optimizer.
         fresh = ([{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups],
@@ -206,7 +217,7 @@ class ResumeMixin:
         load_accelerate_state(acc, path)
         if saved["world_size"] == acc.num_processes:
             check_rng_restored(path, acc)
-        return parts, tensors, accumulation, changes, fresh
+        return parts, tensors, accumulation, changes, fresh, micro_batch
 
     def _model_to_check(self) -> Any:
         """The model whose names and shapes a checkpoint must fit. The live one, except where it does not show
@@ -222,10 +233,10 @@ class ResumeMixin:
         batches = math.ceil(len(self.data.train) / batch_size)
         return math.ceil(math.ceil(batches / world_size) / accumulation)
 
-    def _schedule_timing(self, then: Config, saved: dict[str, Any]) -> dict[str, int]:
+    def _schedule_timing(self, then: Config, saved: dict[str, Any], micro_batch: int | None) -> dict[str, int]:
         """The LR schedule's length and warm-up for the run that wrote a checkpoint, from its config."""
         t = then.training
-        total = t.epochs * self._steps_per_epoch(then.data.batch_size, saved["world_size"],
+        total = t.epochs * self._steps_per_epoch(micro_batch or then.data.batch_size, saved["world_size"],
                                                  saved["gradient_accumulation_steps"])
         if t.max_steps is not None:
             total = min(total, t.max_steps)
@@ -264,7 +275,7 @@ class ResumeMixin:
         self.text_log.info(f"elastic resume: the checkpoint was written by {n} process(es), this run has {m}: "
                       f"gradient_accumulation_steps {before} -> {accumulation} keeps the global batch "
                       f"({n * before} micro-batches per optimizer step); exact up to floating-point reduction order")
-        steps_then = self._steps_per_epoch(self.cfg.data.batch_size, n, before)
+        steps_then = self._steps_per_epoch(self.micro_batch_size, n, before)
         if steps_then != self.steps_per_epoch:
             self.text_log.info(f"elastic resume: an epoch has {self.steps_per_epoch} optimizer steps now, {steps_then} "
                           f"with {n} process(es) (its last batches split differently)")

@@ -81,6 +81,10 @@ def check_stages(raw: Any, cfg_dict: dict[str, Any]) -> list[tuple[str, str]]:
         problems += _check_sections(where, stage, cfg_dict)
     if len(units) > 1:
         problems.append(("stages", "give every stage's length in the same unit: all `epochs` or all `steps`"))
+    if raw and cfg_dict.get("training", {}).get("auto_batch_size"):
+        # Its search sizes one training loader; stages may each train with a batch size of their own.
+        problems.append(("training.auto_batch_size", "does not work with `stages` yet: set data.batch_size (and "
+                         "training.gradient_accumulation_steps) by hand, or training.auto_batch_size=false"))
     if problems or not raw:
         return problems
     return _check_total(raw, units.pop(), cfg_dict.get("training", {}))

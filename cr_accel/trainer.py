@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from . import checkpoint, components, memory, preflight, stages
+from . import auto_batch, checkpoint, components, memory, oom, preflight, stages
 from .callbacks import Callback, CallbackList, Event, TrainingState, builtin_callbacks
 from .callbacks.checkpointing import CheckpointPolicy
 from .checkpoint.async_writer import BackgroundSave, why_synchronous
@@ -132,6 +132,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self._step_validation: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the last one
         self.validation_at_epoch_end = True  # whether the validation running (or last run) ends an epoch
         self.preemption_agreed = False
+        self.auto_batch = auto_batch.AutoBatchSize()  # the micro-batch training.auto_batch_size chose, if any
         self.registry = self._register_state()
 
     def _register_state(self) -> StateRegistry:
@@ -144,6 +145,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         registry.register("callbacks", self.callbacks)
         registry.register("epoch_stats", EpochStatsState(self.stats, self.accelerator))
         registry.register("dataset", _Recorded(self.data.metadata))
+        registry.register("auto_batch_size", self.auto_batch)
         return registry
 
     def add_callback(self, cb: Callback | Callable[..., Any]) -> Callback:
@@ -216,8 +218,9 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
             options["backend"] = backend
         self.accelerator.unwrap_model(self.model).compile(**options)
 
-    def _make_loaders(self) -> tuple[DataLoader, DataLoader]:
-        return self._train_loader(self.cfg.data.batch_size), self._val_loader(self.data.val)
+    def _make_loaders(self, batch_size: int | None = None) -> tuple[DataLoader, DataLoader]:
+        batch_size = batch_size or self.cfg.data.batch_size
+        return self._train_loader(batch_size), self._val_loader(self.data.val, batch_size)
 
     def _train_loader(self, batch_size: int) -> DataLoader:
         d = self.cfg.data
@@ -226,10 +229,32 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         return DataLoader(self.data.train, batch_size=batch_size, shuffle=True, num_workers=d.num_workers,
                           pin_memory=d.pin_memory, generator=torch.Generator().manual_seed(self.cfg.seed))
 
-    def _val_loader(self, dataset: Any) -> DataLoader:
+    def _val_loader(self, dataset: Any, batch_size: int | None = None) -> DataLoader:
         d = self.cfg.data
-        return DataLoader(dataset, batch_size=d.val_batch_size or d.batch_size, shuffle=False,
+        return DataLoader(dataset, batch_size=d.val_batch_size or batch_size or d.batch_size, shuffle=False,
                           num_workers=d.num_workers, pin_memory=d.pin_memory)
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Samples per process per forward pass: auto_batch_size's choice, else data.batch_size."""
+        return self.auto_batch.micro_batch_size or self.cfg.data.batch_size
+
+    def use_micro_batch(self, size: int, accumulation: int) -> None:
+        """Train from now on with micro-batches of `size` and `accumulation` of them per optimizer step (auto batch
+        size's choice, or the one a checkpoint stored): the loaders are built and prepared again."""
+        self.auto_batch.micro_batch_size = size
+        self.state.gradient_accumulation_steps = accumulation
+        place = self.accelerator.device.type != "cpu"
+        old = (self.train_loader, self.val_loader, *self.val_set_loaders.values())
+        self.train_loader, self.val_loader = self.accelerator.prepare(
+            *self._make_loaders(size), device_placement=[place, place])
+        self.val_set_loaders = {name: self.accelerator.prepare(self._val_loader(dataset, size),
+                                                               device_placement=[place])
+                                for name, dataset in self.val_sets.items()}
+        self.train_loaders = {size: self.train_loader}  # (auto_batch_size is refused with stages: config.py)
+        # The replaced loaders would otherwise stay in the list accelerate saves and loads sampler state for.
+        self.accelerator._dataloaders = [d for d in self.accelerator._dataloaders if all(d is not o for o in old)]
+        self._size_steps()  # the same number of optimizer steps (see auto_batch): the schedule still fits
 
     @functools.cached_property
     def config_yaml(self) -> str:
@@ -269,6 +294,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self.checkpoints.recover()
         if resume_from_checkpoint is not None:
             self._resume(resume_from_checkpoint, allow_config_change)
+        if self.cfg.training.auto_batch_size and self.auto_batch.micro_batch_size is None:
+            auto_batch.choose(self)  # not when the checkpoint resumed holds a choice already
         self._write_run_files()
         if self.stages:
             self._enter_stage()
@@ -291,13 +318,16 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         """One batch of each split through model, loss and metrics, before anything is written (once: `train`
         runs it unless it ran already). Raises a UserError naming what does not fit."""
         if not self._preflight_done:
-            preflight.run(self)
+            phase = oom.Phase("the preflight (one batch, no gradients)", preflight.BATCH_SIZE)
+            with oom.explained(phase, self.accelerator.device):
+                preflight.run(self)
             self._preflight_done = True
 
     def _run_epoch(self) -> dict[str, Any] | None:
         epoch, t = self.epoch, self.cfg.training
         started = time.perf_counter()
-        train_metrics = self.train_one_epoch(epoch)
+        with oom.explained(self._phase("training"), self.accelerator.device):
+            train_metrics = self.train_one_epoch(epoch)
         if train_metrics is None:  # the processes agreed to stop for a signal
             self._stop_for_preemption()
             return None
@@ -335,9 +365,10 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         for the validations of `training.eval_every_steps` (`trainer.validation_at_epoch_end` tells hooks)."""
         self.validation_at_epoch_end = at_epoch_end
         self.callbacks.fire(Event.ON_VALIDATION_START, self)
-        metrics = self.validate(confusion=at_epoch_end and self._confusion_due(epoch_number))
-        for name, loader in self.val_set_loaders.items():
-            metrics.update(renamed_for_set(self.validate(loader=loader), name))
+        with oom.explained(self._phase("validation"), self.accelerator.device):
+            metrics = self.validate(confusion=at_epoch_end and self._confusion_due(epoch_number))
+            for name, loader in self.val_set_loaders.items():
+                metrics.update(renamed_for_set(self.validate(loader=loader), name))
         self.progress.show_validation(metrics)
         return metrics
 
@@ -499,6 +530,11 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self.save_checkpoint(["last"])
         self.wait_for_checkpoint()  # exit 75 only once the checkpoint is published
         self.should_stop, self.stop_reason = True, "preempted"
+
+    def _phase(self, name: str) -> oom.Phase:
+        if name == "validation":
+            return oom.Phase(name, self.cfg.data.val_batch_size or self.micro_batch_size, validation=True)
+        return oom.Phase(name, self.micro_batch_size, self.accumulation, chosen=self.auto_batch.micro_batch_size is not None)
 
     def _confusion_due(self, epoch_number: int) -> bool:
         """A classification run draws its confusion matrix on the epochs that get a picture."""

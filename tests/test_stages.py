@@ -143,6 +143,7 @@ def test_resume_in_the_middle_of_stage_2_is_exact_two_processes(stages_config, t
     (lambda raw: raw["stages"][0]["optimizer"].update(betas=[0.9, 0.99]), "may change lr, weight_decay here"),
     (lambda raw: raw["stages"][0]["optimizer"].update(lr=-1), "with this stage's changes, `optimizer.lr`: must be > 0"),
     (lambda raw: raw["stages"][1]["loss"].update(name="msee"), "with this stage's changes"),
+    (lambda raw: raw["training"].update(auto_batch_size=True), "`training.auto_batch_size`: does not work with"),
 ])
 def test_stages_that_cannot_work_are_refused_with_the_key(tmp_path, change, message):
     raw = raw_config(tmp_path / "run")
