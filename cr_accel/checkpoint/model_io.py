@@ -9,7 +9,7 @@ import yaml
 
 from .files import CheckpointError
 from .layouts import load_model_state, model_shapes, plain_name
-from .store import CONFIG, is_complete, read_state, read_tensors, verify
+from .store import CONFIG, STATE, is_complete, read_state, read_tensors, verify
 
 
 def check_model_matches(path: str | os.PathLike, model: torch.nn.Module) -> None:
@@ -60,6 +60,8 @@ def _load_ema(path: Path, model: torch.nn.Module) -> None:
     """The checkpoint's EMA weights into `model`'s parameters, if it has them (buffers stay the model's)."""
     from ..callbacks.ema import saved_averages
 
+    if not (path / STATE).is_file():  # the EMA is listed in the trainer state: a model-only folder has none
+        return
     averages = saved_averages(read_state(path), read_tensors(path))
     if averages is None:
         return
