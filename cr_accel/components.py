@@ -49,8 +49,11 @@ def check_components(cfg):
             continue
         # `seed` is passed only to dataset builders that take it.
         injected = tuple(n for n in injected if n != "seed" or accepts(builder, "seed"))
+        if section == "scheduler" and schedule.is_torch_scheduler(builder):
+            injected = schedule.TORCH_INJECTED
         problems += [(f"{section}.{key}", _with_synonym(key, msg))
                      for key, msg in check_kwargs(builder, section_cfg.kwargs, injected)]
+    problems += _check_scheduler(cfg)
     problems += _check_paths(cfg.data.kwargs)
     problems += _check_metrics(cfg.training.metrics)
     return problems
@@ -181,17 +184,19 @@ def stage_config(cfg, stage):
     return config_from_dict(stage_dict(cfg.to_dict(), stage.raw), check_components=False)
 
 
-def build_staged_schedule(cfg, stage_cfgs, spans, optimizer):
-    """One schedule over every stage: stage i's own schedule over its span, scaled by its lr."""
+def build_staged_schedule(cfg, stage_cfgs, spans, optimizer, steps_per_epoch):
+    """One schedule over every stage: stage i's own schedule over its span, scaled by its lr; `steps_per_epoch[i]`
+    is stage i's (its own batch size)."""
     from .stages import stage_factor
 
-    def stage_builder(stage_cfg):
+    def stage_builder(stage_cfg, per_epoch):
         s = stage_cfg.scheduler
         builder = schedule.SCHEDULES.resolve(s.name)
+        given = schedule_arguments(stage_cfg, builder, per_epoch)
         return lambda span: builder(num_training_steps=span, num_warmup_steps=schedule.warmup_steps_for(s, span),
-                                    min_lr_ratio=s.min_lr_ratio, **s.kwargs)
+                                    min_lr_ratio=s.min_lr_ratio, **given)
 
-    builders = [stage_builder(c) for c in stage_cfgs]
+    builders = [stage_builder(c, n) for c, n in zip(stage_cfgs, steps_per_epoch)]
     try:
         return schedule.StepSchedule(optimizer, lambda _total, _warmup: stage_factor(
             spans, stage_cfgs, cfg.optimizer.lr, builders), sum(spans), 0)
@@ -202,15 +207,61 @@ def build_staged_schedule(cfg, stage_cfgs, spans, optimizer):
                         "`scheduler` keys") from None
 
 
-def build_schedule(cfg, optimizer, num_training_steps):
+def build_schedule(cfg, optimizer, num_training_steps, steps_per_epoch=1):
     s = cfg.scheduler
     builder = schedule.SCHEDULES.resolve(s.name)
+    warmup = schedule.warmup_steps_for(s, num_training_steps)
+    if schedule.is_torch_scheduler(builder):
+        return build_part("scheduler", s, builder, lambda: schedule.TorchSchedule(
+            optimizer, builder, s.kwargs, s.interval or "epoch", num_training_steps, warmup))
+    given = schedule_arguments(cfg, builder, steps_per_epoch)
 
     def make_factor(total, warmup):
-        return builder(num_training_steps=total, num_warmup_steps=warmup, min_lr_ratio=s.min_lr_ratio, **s.kwargs)
+        return builder(num_training_steps=total, num_warmup_steps=warmup, min_lr_ratio=s.min_lr_ratio, **given)
 
     return build_part("scheduler", s, builder, lambda: schedule.StepSchedule(
-        optimizer, make_factor, num_training_steps, schedule.warmup_steps_for(s, num_training_steps)))
+        optimizer, make_factor, num_training_steps, warmup))
+
+
+def schedule_arguments(cfg, builder, steps_per_epoch):
+    """The section's own keys, `scheduler.interval`, the steps per epoch (for a builder that takes them) and, for a
+    metric-driven one (a `monitor` parameter: plateau), the monitored metric and its mode from `checkpoint` unless
+    the section gives them."""
+    s = cfg.scheduler
+    given = dict(s.kwargs)
+    if names(builder, "steps_per_epoch"):
+        given["steps_per_epoch"] = steps_per_epoch
+    if s.interval is not None:
+        given["interval"] = s.interval
+    if names(builder, "monitor"):
+        given.setdefault("monitor", cfg.checkpoint.monitor)
+        if given["monitor"] == cfg.checkpoint.monitor:
+            given.setdefault("mode", cfg.checkpoint.mode)
+    return given
+
+
+def _check_scheduler(cfg):
+    """`scheduler.interval` only where a schedule counts in it; a metric-driven schedule's monitor is a metric the
+    run produces, and its mode is known."""
+    from .config import _check_monitor
+
+    s = cfg.scheduler
+    try:
+        builder = schedule.SCHEDULES.resolve(s.name)
+    except LookupError:
+        return []  # reported with the other parts
+    problems = []
+    if s.interval is not None and not (schedule.is_torch_scheduler(builder) or names(builder, "interval")):
+        problems.append(("scheduler.interval", f"`{s.name}` is a curve over the whole run and takes no interval; "
+                         "it applies to step, multistep, cosine_restarts and torch.optim.lr_scheduler targets"))
+    if names(builder, "monitor"):
+        monitor = s.kwargs.get("monitor", cfg.checkpoint.monitor)
+        problems += [("scheduler.monitor", message) for _, message in
+                     _check_monitor(monitor, cfg.training.metrics, cfg.data.val_sets)]
+        if monitor != cfg.checkpoint.monitor and s.kwargs.get("mode") not in ("min", "max"):
+            problems.append(("scheduler.mode", f"scheduler.monitor `{monitor}` is not checkpoint.monitor, so its "
+                             "direction is not known: set scheduler.mode=min (lower is better) or max"))
+    return problems
 
 
 def build_metrics(cfg: Any, metadata: Mapping[str, Any] | None) -> dict[str, Callable[[Any, Any], Any]]:

@@ -65,6 +65,9 @@ class SchedulerConfig:
     warmup_ratio: float = 0.05
     warmup_steps: Optional[int] = None  # overrides warmup_ratio when set
     min_lr_ratio: float = 0.0
+    # whether `step`, `multistep`, `cosine_restarts` and torch.optim.lr_scheduler targets count their lengths in
+    # optimizer steps or epochs (and when a torch scheduler is stepped); None: the schedule's own default
+    interval: Optional[Literal["step", "epoch"]] = None
     kwargs: dict = field(default_factory=dict)
 
 

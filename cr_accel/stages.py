@@ -122,11 +122,27 @@ def _check_sections(where: str, stage: dict[str, Any], cfg_dict: dict[str, Any])
         return problems
     from .config import ConfigError, config_from_dict
 
+    merged = stage_dict(cfg_dict, stage)
     try:
-        config_from_dict(stage_dict(cfg_dict, stage))
+        config_from_dict(merged)
     except ConfigError as exc:
         problems += [(where, f"with this stage's changes, {problem}") for problem in exc.problems]
-    return problems
+    return problems + _check_stage_schedule(where, merged.get("scheduler", {}).get("name", "cosine"))
+
+
+def _check_stage_schedule(where: str, name: Any) -> list[tuple[str, str]]:
+    """A stage's schedule is a curve over its own span: `plateau` (driven by validations) and torch's scheduler
+    objects (with state of their own) are not curves that can be cut into spans."""
+    from .schedule import SCHEDULES, is_torch_scheduler
+
+    try:
+        builder = SCHEDULES.resolve(name)
+    except (LookupError, TypeError):
+        return []  # reported by the config check
+    if name == "plateau" or is_torch_scheduler(builder):
+        return [(f"{where}.scheduler", f"`{name}` cannot run within stages (each stage's schedule is a curve over "
+                 "its own span): give the stages cosine, linear, constant, step, multistep or cosine_restarts")]
+    return []
 
 
 def _check_total(raw: list[dict[str, Any]], unit: str, training: dict[str, Any]) -> list[tuple[str, str]]:

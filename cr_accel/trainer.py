@@ -101,8 +101,9 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self._compile(t.compile)
         # The schedule is stepped by the trainer once per optimizer step, not prepared by accelerate.
         total_steps = self._size_steps()
-        self.schedule = (components.build_staged_schedule(cfg, self.stage_configs, self.stages.spans, optimizer)
-                         if self.stages else components.build_schedule(cfg, optimizer, total_steps))
+        self.schedule = (components.build_staged_schedule(cfg, self.stage_configs, self.stages.spans, optimizer,
+                                                          self._stage_steps_per_epoch())
+                         if self.stages else components.build_schedule(cfg, optimizer, total_steps, self.steps_per_epoch))
 
         self.plain_step = acc.scaler is None and acc.distributed_type in UNSHARDED_TYPES
         self.step_optimizer = optimizer if self.plain_step else self.optimizer
@@ -174,6 +175,11 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
         return self.total_steps
+
+    def _stage_steps_per_epoch(self) -> list[int]:
+        """Each stage's optimizer steps per epoch, at its own batch size (what its schedule counts epochs in)."""
+        return [span // stage.length if stage.unit == "epochs" else self.steps_per_epoch
+                for stage, span in zip(self.stages.stages, self.stages.spans)]
 
     def _stage_span(self, stage: stages.Stage, stage_cfg: Config) -> int:
         """A stage's length in optimizer steps, at its own batch size."""

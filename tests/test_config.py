@@ -79,7 +79,7 @@ BAD = [
     Bad("unknown_optimizer", [r"`optimizer\.name`: unknown optimizer `lbfgs`", r"(?i)choose one of: adam, adamw, sgd\b"],
         patch={"optimizer": {"name": "lbfgs"}}),
     Bad("unknown_scheduler", [r"`scheduler\.name`: unknown scheduler `cosin`; did you mean `cosine`\?",
-                              r"(?i)choose one of: constant, cosine, linear\b"], patch={"scheduler": {"name": "cosin"}}),
+                              r"(?i)choose one of: constant, cosine, cosine_restarts, linear, multistep, plateau, step\b"], patch={"scheduler": {"name": "cosin"}}),
     Bad("unknown_dataset", [r"`data\.name`: unknown dataset `mnist`", r"(?i)choose one of: synthetic_cr, tensor_files\b"],
         patch={"data": {"name": "mnist"}}),
     Bad("model_kwarg_not_in_signature",

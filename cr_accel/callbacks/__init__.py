@@ -217,13 +217,15 @@ def hook_names() -> set[str]:
 
 
 def builtin_callbacks(cfg: Any, accelerator: Any = None) -> list[Callback]:
-    """The EMA of the weights (training.ema_decay), the checkpoint policy, early stopping
+    """The EMA of the weights (training.ema_decay), the LR schedule's events (plateau, torch schedulers), the
+    checkpoint policy, early stopping
     (training.early_stopping_patience), the pictures of validation (output.samples_every) and, for TensorBoard,
     the histograms of weights and gradients (output.histograms_every): callbacks like a user's, so each can be
     replaced (see CallbackList). `accelerator`: the run's, where EMA checks it can work."""
     from .checkpointing import CheckpointPolicy, EarlyStopping
     from .ema import EMA, check_engine
     from .histograms import Histograms
+    from .lr_schedule import ScheduleEvents, needs_events
     from .pictures import ValidationPictures
 
     callbacks: list[Callback] = []
@@ -233,6 +235,8 @@ def builtin_callbacks(cfg: Any, accelerator: Any = None) -> list[Callback]:
             check_engine(accelerator)
         # First: its on_epoch_end puts the raw weights back before any other epoch-end hook runs (ema.py).
         callbacks.append(EMA(t.ema_decay, t.ema_start_step, t.ema_every))
+    if needs_events(cfg):  # before the checkpoint policy: a checkpoint after an epoch holds the stepped schedule
+        callbacks.append(ScheduleEvents())
     callbacks.append(CheckpointPolicy.from_config(cfg))
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping.from_config(cfg))
