@@ -141,13 +141,15 @@ def train_command(args: argparse.Namespace, callbacks: Iterable[Any] = ()) -> in
         return run_training(args, callbacks)
     except UserError as exc:
         _error(str(exc))
-        _leave_process_group()
         return EXIT_USER_ERROR
+    finally:
+        _leave_process_group()
 
 
 def _leave_process_group():
-    """Close this process's side of the process group now: left to interpreter shutdown, a process whose
-    peer has already gone can abort (SIGABRT) instead of exiting with its code."""
+    """Close this process's side of the process group now, however the run ended: left to interpreter shutdown,
+    a process whose peer has already gone can abort (SIGABRT) instead of exiting with its code (seen with gloo
+    under FSDP2, after a finished or preempted run)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
