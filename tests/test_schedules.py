@@ -134,17 +134,17 @@ def raw_config(out, **scheduler):
 
 
 def test_plateau_in_a_run_lowers_the_lr_after_validations_that_do_not_improve(tmp_path):
-    """An LR too small to move val_loss by 1e-4 of itself: every validation after the first is a bad one, and
-    with patience 0 each lowers the LR tenfold from the next step on."""
-    raw = raw_config(tmp_path / "run", name="plateau", patience=0)
+    """An LR too small to move val_loss by 1e-4 of itself: every validation after the first is a bad one; with
+    patience 1 the second bad one (epoch 3) halves the LR from the next step on, and the count starts again."""
+    raw = raw_config(tmp_path / "run", name="plateau", patience=1, factor=0.5)
     raw["optimizer"]["lr"] = 1e-12
     assert Trainer(config_from_dict(raw)).train() == "finished"
     rows = metric_rows(tmp_path / "run")
-    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-12, 1e-12, 1e-13, 1e-14])
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-12, 1e-12, 1e-12, 5e-13])
     log = (tmp_path / "run/train.log").read_text()
-    assert "LR schedule: val_loss has not improved" in log and "from step 9" in log
+    assert log.count("LR schedule: val_loss has not improved") == 1 and "0.5 of its peak from step 13" in log
     saved = checkpoint.read_state(tmp_path / "run/checkpoints/last")["schedule"]["factor_state"]
-    assert saved["reductions"] == [[8, pytest.approx(0.1)], [12, pytest.approx(0.01)], [16, pytest.approx(0.001)]]
+    assert saved["reductions"] == [[12, pytest.approx(0.5)]] and saved["bad_validations"] == 1
 
 
 @pytest.mark.parametrize("scheduler", [
