@@ -71,7 +71,6 @@ def constant(num_training_steps, num_warmup_steps, min_lr_ratio=0.0):
 
 def _units(step, interval, steps_per_epoch):
     """How many of the schedule's units (optimizer steps, or whole epochs) lie before optimizer step `step`."""
-    _check_interval(interval)
     return step if interval == "step" else step // max(1, steps_per_epoch)
 
 
@@ -85,6 +84,7 @@ def step_decay(num_training_steps, num_warmup_steps, min_lr_ratio=0.0, steps_per
                gamma: float = 0.1, interval="epoch"):
     """The LR times `gamma` every `step_size` epochs (or steps, with interval `step`), counted from the start of
     the run as torch's StepLR counts; never below `min_lr_ratio`."""
+    _check_interval(interval)
     if step_size < 1:
         raise ValueError(f"step_size must be >= 1, got {step_size}")
 
@@ -101,6 +101,7 @@ def multistep(num_training_steps, num_warmup_steps, min_lr_ratio=0.0, steps_per_
               milestones: Sequence[int] = (), gamma: float = 0.1, interval="epoch"):
     """The LR times `gamma` at each of `milestones` (epochs, or steps with interval `step`), as torch's
     MultiStepLR; never below `min_lr_ratio`."""
+    _check_interval(interval)
     marks = sorted(int(m) for m in milestones)
 
     def factor(step):
