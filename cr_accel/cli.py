@@ -265,9 +265,10 @@ def _config_check(args):
     meta, data = trainer.data.metadata, trainer.data
     shapes = (f"; inputs {meta['input_shape']} {meta.get('input_dtype', '')}, targets {meta['target_shape']} "
               f"{meta.get('target_dtype', '')}" if "input_shape" in meta and "target_shape" in meta else "")
+    test = f" / {len(data.test)} test" if data.test is not None else ""
     ran = "one batch of each split ran through model, loss and metrics" if preflight.enabled() else "preflight off"
     print(f"config OK: {args.config}: model {cfg.model.name} "
           f"({count_parameters(trainer.accelerator.unwrap_model(trainer.model)):,} parameters), "
-          f"data {cfg.data.name} ({len(data.train)} train / {len(data.val)} val{shapes}), loss {cfg.loss.name}, "
+          f"data {cfg.data.name} ({len(data.train)} train / {len(data.val)} val{test}{shapes}), loss {cfg.loss.name}, "
           f"metrics [{', '.join(metric_names(cfg.training.metrics))}]; {ran}")
     return 0
