@@ -5,12 +5,19 @@ validation as they were. The scores: the same numbers validation computes, check
 `val_*` row of metrics.csv and against test_metrics.json.
 """
 
+import json
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
 
+from cr_accel.checkpoint import read_state
 from cr_accel.data import synthetic_cr, tensor_files
 from cr_accel.errors import UserError
+from tests.runners import launch_2_cpu_processes, metric_rows, small_config_file
 
 # ---------------------------------------------------------------------------------------------------------
 # The test split
@@ -93,3 +100,127 @@ def test_tensor_files_bad_split_is_one_user_error(tmp_path, kwargs, message):
     kwargs = {k: str(path) if v == "TEST" else v for k, v in kwargs.items()}
     with pytest.raises(UserError, match=message):
         tensor_files(seed=0, path=str(path), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny trained run with a test split and an EMA, read by every test below (which only add eval_*.json files)
+
+EPOCHS = 3
+RUN_SECTIONS = {
+    "model": {"base_channels": 4},
+    # 12 validation samples in batches of 8 and 10 test samples: the last batch of each is a partial one
+    "data": {"num_train": 32, "num_val": 12, "num_test": 10, "batch_size": 8, "image_size": 16},
+    "training": {"epochs": EPOCHS, "log_every": 1, "ema_decay": 0.5},
+    "checkpoint": {"save_every": 1, "keep_last_n": None},
+    "output": {"samples_every": 0, "histograms_every": 0},
+    "dashboard": {"enabled": False},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, run_train):
+    folder = tmp_path_factory.mktemp("evaluate")
+    config = small_config_file(folder, "tiny.yaml", **RUN_SECTIONS)
+    rc, _, stderr = run_train("--config", config, f"output.dir={folder / 'run'}", timeout=300)
+    assert rc == 0, stderr
+    return folder / "run"
+
+
+def _commands(run_command, commands):
+    """{name: (rc, stdout, stderr)} of `commands` ({name: argv}), two at a time (each one mostly imports torch)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_command, argv, 180) for name, argv in commands.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def _json_line(stdout):
+    """The one JSON object a command printed on stdout."""
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 1, stdout
+    return json.loads(lines[0])
+
+
+def _one_line_error(rc, stdout, stderr, pattern):
+    assert rc == 2, (stdout, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture(scope="module")
+def evaluated(run, run_command, cr_accel_script):
+    """The evaluate commands the tests below read, run once."""
+    first_step = next(r for r in metric_rows(run) if r["epoch"] == "1")["step"]
+    return _commands(run_command, {
+        "test": [cr_accel_script, "evaluate", run, "--split", "test"],
+        "best": [cr_accel_script, "evaluate", run],
+        "last": [cr_accel_script, "evaluate", run, "--checkpoint", "last"],
+        "first": [cr_accel_script, "evaluate", run, "--checkpoint", f"step_{int(first_step):08d}"],
+        "by_path": [cr_accel_script, "evaluate", run, "--checkpoint", run / "checkpoints" / "last", "--split", "test"],
+    })
+
+
+def test_the_test_split_is_scored_once_at_the_end_with_the_best_checkpoint(run, evaluated):
+    record = json.loads((run / "test_metrics.json").read_text())
+    best_step = read_state(run / "checkpoints" / "best")["trainer"]["global_step"]
+    assert (record["checkpoint"], record["global_step"]) == ("best", best_step)
+    assert set(record["metrics"]) == {"test_loss", "test_psnr"}
+    rc, stdout, stderr = evaluated["test"]
+    assert rc == 0, stderr
+    assert _json_line(stdout) == record["metrics"]  # exactly: the same weights, batches and sums
+    log = (run / "train.log").read_text()
+    assert log.count("test split (10 samples) scored with the best weights") == 1
+
+
+def test_evaluate_gives_the_validation_numbers_of_metrics_csv(run, evaluated):
+    from cr_accel.checkpoint import read_state
+    rows = {int(r["step"]): r for r in metric_rows(run)}
+    for name, folder in (("best", "best"), ("last", "last"), ("first", None)):
+        rc, stdout, stderr = evaluated[name]
+        assert rc == 0, stderr
+        metrics = _json_line(stdout)
+        assert set(metrics) == {"val_loss", "val_psnr"}
+        written = sorted(run.glob(f"eval_val_{folder or 'step_'}*.json"))
+        assert len(written) == 1, written
+        record = json.loads(written[0].read_text())
+        assert (record["split"], record["metrics"]) == ("val", metrics)
+        step = read_state(run / "checkpoints" / record["checkpoint"])["trainer"]["global_step"]
+        assert record["global_step"] == step
+        row = rows[step]
+        # The EMA weights, as validation measured them; repr in the CSV is exact.
+        assert metrics == {"val_loss": float(row["val_loss"]), "val_psnr": float(row["val_psnr"])}, name
+    assert _json_line(evaluated["by_path"][1]) == json.loads((run / "eval_test_last.json").read_text())["metrics"]
+
+
+def test_evaluate_user_errors_are_one_line_and_exit_2(run, run_command, cr_accel_script, tmp_path):
+    (tmp_path / "untrained").mkdir()
+    (tmp_path / "untrained" / "config.yaml").write_text((run / "config.yaml").read_text())
+    results = _commands(run_command, {
+        "no_run": [cr_accel_script, "evaluate", tmp_path / "missing"],
+        "not_a_run": [cr_accel_script, "evaluate", tmp_path],
+        "no_checkpoint": [cr_accel_script, "evaluate", tmp_path / "untrained"],
+        "bad_checkpoint": [cr_accel_script, "evaluate", run, "--checkpoint", "step_99999999"],
+        "no_test_split": [cr_accel_script, "evaluate", run, "--split", "test", "data.num_test=0"],
+        "unknown_key": [cr_accel_script, "evaluate", run, "data.num_tset=3"],
+        "bad_num_test": [sys.executable, "train.py", "--config", "configs/default.yaml", "data.num_test=-2",
+                         f"output.dir={tmp_path / 'never'}"],
+    })
+    _one_line_error(*results["no_run"], r"^error: run folder `.*missing` does not exist")
+    _one_line_error(*results["not_a_run"], r"holds no config\.yaml, so it is not a run's output\.dir")
+    _one_line_error(*results["no_checkpoint"], r"has no complete best/ or last/ checkpoint \(no checkpoints/ folder")
+    _one_line_error(*results["bad_checkpoint"], r"--checkpoint `step_99999999` does not exist")
+    _one_line_error(*results["no_test_split"], r"has no test split; .*data\.num_test=64 \(synthetic_cr\)")
+    _one_line_error(*results["unknown_key"], r"`data\.num_tset`: is not a parameter of `synthetic_cr`")
+    _one_line_error(*results["bad_num_test"], r"^error: .*data\.num_test must be an integer >= 0, got -2")
+    assert not (tmp_path / "never").exists()  # refused before anything ran
+
+
+def test_evaluate_under_accelerate_launch_counts_each_sample_once(run, evaluated, cr_accel_script):
+    """2 processes: 10 test samples in batches of 8 are 1 batch per process, the second one padded with
+    samples from the start; the means are those of one process up to the order of the sums."""
+    (run / "eval_test_best.json").unlink()
+    result = launch_2_cpu_processes(cr_accel_script, "evaluate", run, "--split", "test")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = _json_line(result.stdout)  # printed by the main process only
+    assert metrics == pytest.approx(_json_line(evaluated["test"][1]), rel=1e-6)
+    assert (run / "eval_test_best.json").is_file()

@@ -14,6 +14,7 @@ from . import DATASETS, DatasetSplits, seeded_generator
 
 SUPPORTED_SUFFIXES = (".npz", ".safetensors", ".pt")
 _SUPPORTED_TEXT = ".npz, .safetensors or .pt"
+DATA_KEYS = ("data.input_key", "data.target_key")  # the settings that name the tensors, for messages
 
 
 
@@ -185,17 +186,37 @@ def _load_file(file, keys):
     return x, y
 
 
-def _read_tensors(file, keys):
+def read_tensor(file, key, setting):
+    """One tensor, `key`, of a .npz, .safetensors or .pt file, read as the datasets read theirs (no pickles);
+    `setting` names the option that chose `key` in the message when the file has no such tensor."""
+    file = Path(file)
+    if file.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise UserError(f"`{file}` has unsupported extension `{file.suffix or '(none)'}`; give a {_SUPPORTED_TEXT} "
+                        "file")
+    if not file.is_file():
+        raise UserError(f"`{file}` does not exist (looked for {file.resolve()})")
+    try:
+        (tensor,) = _read_tensors(file, (key,), (setting,))
+    except UserError:
+        raise
+    except Exception as exc:  # corrupt or foreign files: every reader has its own exception types
+        raise UserError(f"cannot read `{file}`: {type(exc).__name__}: {_first_line(exc)}") from None
+    if tensor.ndim == 0:
+        raise UserError(f"`{key}` in `{file}` is a scalar; it needs a first dimension indexing the samples")
+    return tensor
+
+
+def _read_tensors(file, keys, settings=DATA_KEYS):
     suffix = file.suffix.lower()
     reader = {".npz": _read_npz, ".safetensors": _read_safetensors}.get(suffix, _read_pt)
-    return reader(file, keys)
+    return reader(file, keys, settings)
 
 
-def _read_npz(file, keys):
+def _read_npz(file, keys, settings):
     if not zipfile.is_zipfile(file):  # np.load would try to unpickle it and suggest allow_pickle
         raise UserError(f"cannot read `{file}`: it is not a .npz archive (corrupt, or not written by numpy.savez)")
     with np.load(file, allow_pickle=False) as archive:
-        _check_keys(file, keys, archive.files)
+        _check_keys(file, keys, archive.files, settings)
         arrays = []
         for key in keys:
             try:
@@ -208,16 +229,16 @@ def _read_npz(file, keys):
     return tuple(_numpy_to_tensor(file, key, a) for key, a in zip(keys, arrays))
 
 
-def _read_safetensors(file, keys):
+def _read_safetensors(file, keys, settings):
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as handle:
-        _check_keys(file, keys, list(handle.keys()))
+        _check_keys(file, keys, list(handle.keys()), settings)
         return tuple(handle.get_tensor(key) for key in keys)
 
 
-def _read_pt(file, keys):
-    example = f"torch.save({{'{keys[0]}': x, '{keys[1]}': y}}, path)"
+def _read_pt(file, keys, settings):
+    example = "torch.save({" + ", ".join(f"'{key}': {name}" for key, name in zip(keys, "xy")) + "}, path)"
     try:
         content = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -234,19 +255,19 @@ def _read_pt(file, keys):
         ) from None
     if not isinstance(content, dict):
         raise UserError(f"`{file}` holds a {type(content).__name__}, not a dict of tensors; save it as {example}")
-    _check_keys(file, keys, [str(k) for k in content])
+    _check_keys(file, keys, [str(k) for k in content], settings)
     for key in keys:
         if not isinstance(content[key], torch.Tensor):
             raise UserError(f"`{key}` in `{file}` is a {type(content[key]).__name__}, not a tensor")
-    return content[keys[0]], content[keys[1]]
+    return tuple(content[key] for key in keys)
 
 
-def _check_keys(file, keys, present):
-    for field, key in zip(("input_key", "target_key"), keys):
+def _check_keys(file, keys, present, settings):
+    for setting, key in zip(settings, keys):
         if key not in present:
             raise UserError(
                 f"`{file}` has no `{key}` tensor (keys present: {', '.join(sorted(present)) or 'none'}); "
-                f"set data.{field} to the right one"
+                f"set {setting} to the right one"
             )
 
 
