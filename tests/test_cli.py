@@ -1,6 +1,6 @@
 """The `cr-accel` console script: --help and --version, unknown commands, `config show` and `config check`
 (which writes nothing), run as a user would run them. (`cr-accel plot` has its own tests/test_plot.py, `evaluate`
-and `predict` tests/test_evaluate.py and tests/test_predict.py.)"""
+and `predict` tests/test_evaluate.py.)"""
 
 import re
 from concurrent.futures import ThreadPoolExecutor

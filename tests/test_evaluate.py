@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from cr_accel.callbacks.checkpointing import CheckpointPolicy
 from cr_accel.checkpoint import read_state
 from cr_accel.data import synthetic_cr, tensor_files
 from cr_accel.errors import UserError
@@ -173,7 +174,6 @@ def test_the_test_split_is_scored_once_at_the_end_with_the_best_checkpoint(run, 
 
 
 def test_evaluate_gives_the_validation_numbers_of_metrics_csv(run, evaluated):
-    from cr_accel.checkpoint import read_state
     rows = {int(r["step"]): r for r in metric_rows(run)}
     for name, folder in (("best", "best"), ("last", "last"), ("first", None)):
         rc, stdout, stderr = evaluated[name]
@@ -192,27 +192,75 @@ def test_evaluate_gives_the_validation_numbers_of_metrics_csv(run, evaluated):
     assert _json_line(evaluated["by_path"][1]) == json.loads((run / "eval_test_last.json").read_text())["metrics"]
 
 
-def test_evaluate_user_errors_are_one_line_and_exit_2(run, run_command, cr_accel_script, tmp_path):
+def _in_process(capsys, *argv):
+    """`cr-accel ARGV` run in this process (no torch import to wait for): (exit code, stdout, stderr)."""
+    from cr_accel.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_evaluate_user_errors_are_one_line_and_exit_2(run, run_command, cr_accel_script, tmp_path, capsys):
     (tmp_path / "untrained").mkdir()
     (tmp_path / "untrained" / "config.yaml").write_text((run / "config.yaml").read_text())
-    results = _commands(run_command, {
-        "no_run": [cr_accel_script, "evaluate", tmp_path / "missing"],
-        "not_a_run": [cr_accel_script, "evaluate", tmp_path],
-        "no_checkpoint": [cr_accel_script, "evaluate", tmp_path / "untrained"],
-        "bad_checkpoint": [cr_accel_script, "evaluate", run, "--checkpoint", "step_99999999"],
-        "no_test_split": [cr_accel_script, "evaluate", run, "--split", "test", "data.num_test=0"],
-        "unknown_key": [cr_accel_script, "evaluate", run, "data.num_tset=3"],
-        "bad_num_test": [sys.executable, "train.py", "--config", "configs/default.yaml", "data.num_test=-2",
-                         f"output.dir={tmp_path / 'never'}"],
-    })
-    _one_line_error(*results["no_run"], r"^error: run folder `.*missing` does not exist")
-    _one_line_error(*results["not_a_run"], r"holds no config\.yaml, so it is not a run's output\.dir")
-    _one_line_error(*results["no_checkpoint"], r"has no complete best/ or last/ checkpoint \(no checkpoints/ folder")
-    _one_line_error(*results["bad_checkpoint"], r"--checkpoint `step_99999999` does not exist")
-    _one_line_error(*results["no_test_split"], r"has no test split; .*data\.num_test=64 \(synthetic_cr\)")
-    _one_line_error(*results["unknown_key"], r"`data\.num_tset`: is not a parameter of `synthetic_cr`")
-    _one_line_error(*results["bad_num_test"], r"^error: .*data\.num_test must be an integer >= 0, got -2")
-    assert not (tmp_path / "never").exists()  # refused before anything ran
+    # Through the console script once: the exit code and stderr of a real process, no traceback.
+    _one_line_error(*run_command([cr_accel_script, "evaluate", tmp_path / "missing"]),
+                    r"^error: run folder `.*missing` does not exist")
+    cases = [
+        ((tmp_path,), r"holds no config\.yaml, so it is not a run's output\.dir"),
+        ((tmp_path / "untrained",), r"has no complete best/ or last/ checkpoint \(no checkpoints/ folder"),
+        ((run, "--checkpoint", "step_99999999"), r"--checkpoint `step_99999999` does not exist"),
+        ((run, "--split", "test", "data.num_test=0"), r"has no test split; .*data\.num_test=64 \(synthetic_cr\)"),
+        ((run, "data.num_tset=3"), r"`data\.num_tset`: is not a parameter of `synthetic_cr`"),
+    ]
+    for args, pattern in cases:
+        _one_line_error(*_in_process(capsys, "evaluate", *args), pattern)
+    # A bad test split is refused before anything runs.
+    _one_line_error(*_in_process(capsys, "train", "--config", "configs/default.yaml", "data.num_test=-2",
+                                 f"output.dir={tmp_path / 'never'}"),
+                    r"^error: .*data\.num_test must be an integer >= 0, got -2")
+    assert not (tmp_path / "never").exists()
+
+
+class _NoBest(CheckpointPolicy):
+    """A run's own policy that never writes best/."""
+
+    def targets_after_epoch(self, trainer, epoch_number, finishing):
+        return [t for t in super().targets_after_epoch(trainer, epoch_number, finishing) if t != "best"]
+
+    def targets_after_step(self, trainer):
+        return []
+
+
+def test_without_best_the_final_weights_are_scored_and_only_after_a_finished_run(tmp_path):
+    """No best/ checkpoint: the final weights (their EMA) are scored, as evaluate scores last/; a preempted or
+    failed run scores nothing."""
+    from cr_accel.callbacks.final_score import FinalTestScore
+    from cr_accel.config import config_from_dict
+    from cr_accel.evaluate import evaluate
+    from cr_accel.trainer import Trainer
+
+    raw = {name: dict(values) for name, values in RUN_SECTIONS.items()}
+    raw["training"].update(epochs=1, ema_decay=0.9)
+    raw["output"].update(dir=str(tmp_path / "run"))
+    trainer = Trainer(config_from_dict(raw), callbacks=[_NoBest()])
+    raw_weights = [p.detach().clone() for p in trainer.model.parameters()]
+    assert trainer.train() == "finished"
+    assert not (tmp_path / "run" / "checkpoints" / "best").exists()
+    record = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert (record["checkpoint"], record["global_step"]) == ("last", trainer.global_step)
+    assert record["metrics"] == evaluate(str(tmp_path / "run"), "last", "test")
+    assert not all(torch.equal(a, b) for a, b in zip(raw_weights, trainer.model.parameters()))  # it trained
+    final = [p.detach().clone() for p in trainer.model.parameters()]
+    (tmp_path / "run" / "test_metrics.json").unlink()
+    for status in ("preempted", "failed"):
+        FinalTestScore().on_train_end(trainer, status)
+    assert not (tmp_path / "run" / "test_metrics.json").exists()
+    FinalTestScore().on_train_end(trainer, "stopped_early")
+    assert json.loads((tmp_path / "run" / "test_metrics.json").read_text()) == record
+    assert all(torch.equal(a, b) for a, b in zip(final, trainer.model.parameters()))  # the raw weights are back
 
 
 def test_evaluate_under_accelerate_launch_counts_each_sample_once(run, evaluated, cr_accel_script):
@@ -224,3 +272,84 @@ def test_evaluate_under_accelerate_launch_counts_each_sample_once(run, evaluated
     metrics = _json_line(result.stdout)  # printed by the main process only
     assert metrics == pytest.approx(_json_line(evaluated["test"][1]), rel=1e-6)
     assert (run / "eval_test_best.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cr-accel predict
+
+def _outputs(path):
+    """The `outputs` tensor of a .npz, .safetensors or .pt file."""
+    from cr_accel.data.files import read_tensor
+
+    return read_tensor(path, "outputs", "the key")
+
+
+@pytest.fixture(scope="module")
+def inputs(run):
+    """12 inputs of the run's shape: in batches of 4, 3 batches, so 2 processes get 2 and 1 + padding."""
+    x = torch.rand((12, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+    folder = run.parent / "inputs"
+    folder.mkdir()
+    np.savez(folder / "x.npz", inputs=x.numpy(), targets=x.numpy())  # other tensors in the file are ignored
+    torch.save({"images": x.double()}, folder / "x64.pt")  # float64: cast to the run's float32
+    np.savez(folder / "small.npz", inputs=np.zeros((3, 1, 8, 8), np.float32))
+    return x, folder
+
+
+def test_predict_writes_the_models_outputs_in_order(run, inputs, run_command, cr_accel_script):
+    import cr_accel
+
+    x, folder = inputs
+    out = run.parent / "predictions"
+    results = _commands(run_command, {
+        "npz": [cr_accel_script, "predict", run, "--input", folder / "x.npz", "--output", out / "p.npz",
+                "--batch-size", "4"],
+        "pt_in": [cr_accel_script, "predict", run, "--input", folder / "x64.pt", "--input-key", "images",
+                  "--output", out / "p.safetensors", "--batch-size", "4"],
+    })
+    for rc, stdout, stderr in results.values():
+        assert rc == 0, stderr
+        assert "wrote 12 outputs of shape [1, 16, 16] to " in stdout, stdout
+    model = cr_accel.load_model(run)  # best/, with its EMA weights
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the commands ran (OMP_NUM_THREADS=1)
+    try:
+        with torch.no_grad():
+            expected = torch.cat([model(batch) for batch in x.split(4)])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(_outputs(out / "p.npz"), expected)
+    assert torch.equal(_outputs(out / "p.safetensors"), expected)
+
+
+def test_predict_under_accelerate_launch_writes_the_same_file(run, inputs, run_command, cr_accel_script):
+    _, folder = inputs
+    one, two = run.parent / "one.npz", run.parent / "two.npz"
+    rc, _, stderr = run_command([cr_accel_script, "predict", run, "--input", folder / "x.npz", "--output", one,
+                                 "--batch-size", "4"])
+    assert rc == 0, stderr
+    result = launch_2_cpu_processes(cr_accel_script, "predict", run, "--input", folder / "x.npz", "--output", two,
+                                    "--batch-size", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote 12 outputs") == 1, result.stdout  # the main process writes and says so
+    assert two.read_bytes() == one.read_bytes()  # every sample once, in order, the padding batch dropped
+
+
+def test_predict_user_errors_are_one_line_and_exit_2(run, inputs, run_command, cr_accel_script, capsys):
+    _, folder = inputs
+    taken = run.parent / "taken.pt"
+    taken.write_bytes(b"keep me")
+    x = folder / "x.npz"
+    _one_line_error(*run_command([cr_accel_script, "predict", run, "--input", x, "--output", taken]),
+                    r"^error: --output `.*taken\.pt` already exists; remove it first")
+    cases = [
+        ((folder / "small.npz", "--output", run.parent / "s.npz"), r"`inputs` in `.*small\.npz` has shape "
+         r"\[3, 1, 8, 8\], samples of shape \[1, 8, 8\], but the model of `.*` takes samples of shape \[1, 16, 16\]"),
+        ((x, "--input-key", "x", "--output", run.parent / "k.npz"),
+         r"has no `x` tensor \(keys present: inputs, targets\); set --input-key"),
+        ((x, "--output", run.parent / "p.csv"), r"--output `.*p\.csv` has extension `\.csv`"),
+    ]
+    for args, pattern in cases:
+        _one_line_error(*_in_process(capsys, "predict", run, "--input", *args), pattern)
+    assert taken.read_bytes() == b"keep me"
+    assert not any((run.parent / name).exists() for name in ("s.npz", "k.npz", "p.csv"))
