@@ -353,3 +353,17 @@ def test_predict_user_errors_are_one_line_and_exit_2(run, inputs, run_command, c
         _one_line_error(*_in_process(capsys, "predict", run, "--input", *args), pattern)
     assert taken.read_bytes() == b"keep me"
     assert not any((run.parent / name).exists() for name in ("s.npz", "k.npz", "p.csv"))
+
+
+def test_overwrite_removes_the_scores_of_the_earlier_run(tmp_path):
+    from cr_accel.cli import _earlier_run
+    from cr_accel.config import config_from_dict
+
+    cfg = config_from_dict({"output": {"dir": str(tmp_path)}})
+    for name in ("test_metrics.json", "eval_val_best.json", "eval_test_step_00000004.json"):
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(UserError, match=r"already holds a run \(test_metrics\.json, eval_test_step_00000004\.json, "
+                                        r"eval_val_best\.json\)"):
+        _earlier_run(cfg, overwrite=False)
+    assert {p.name for p in _earlier_run(cfg, overwrite=True)} == {
+        "test_metrics.json", "eval_val_best.json", "eval_test_step_00000004.json"}
