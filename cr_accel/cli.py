@@ -10,12 +10,10 @@ from typing import Any, Iterable, Sequence
 
 from .disk import check_writable, failure_kind, write_failure
 from .errors import UserError
+from .run_files import EVAL_PATTERN, RUN_FILES
 
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
-
-# What a run writes into output.dir besides the log and the CSV (whose names are configurable).
-RUN_FILES = ("config.yaml", "environment.json", "checkpoints", "samples", "dashboard_run_id", "trackers")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,7 +94,7 @@ def _earlier_run(cfg, overwrite):
     if out.exists() and not out.is_dir():
         raise UserError(f"output.dir `{out}` is a file, not a folder; choose another output.dir")
     ours = [out / name for name in (*RUN_FILES, cfg.output.log_file, cfg.output.metrics_file, cfg.output.steps_file)]
-    existing = [p for p in ours if p.exists()]
+    existing = [p for p in ours if p.exists()] + sorted(out.glob(EVAL_PATTERN))  # evaluate's scores of it too
     if existing and not overwrite:
         raise UserError(
             f"output.dir `{out}` already holds a run ({', '.join(p.name for p in existing)}); "
@@ -170,14 +168,32 @@ def main_plot(argv):
     return plot_main(argv)
 
 
+def main_evaluate(argv):
+    """`cr-accel evaluate RUN_DIR [--checkpoint best|last|PATH] [--split val|test] [section.key=value ...]`."""
+    from .evaluate import main as evaluate_main
+
+    return evaluate_main(argv)
+
+
+def main_predict(argv):
+    """`cr-accel predict RUN_DIR --input FILE --output FILE [--checkpoint ...] [--batch-size N]`."""
+    from .predict import main as predict_main
+
+    return predict_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`cr-accel <command>`: train, config, dashboard, plot; `cr-accel --help` lists them."""
+    """`cr-accel <command>`: train, config, evaluate, predict, dashboard, plot; `cr-accel --help` lists them."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "train": ("train from a YAML config, overriding any key as section.key=value",
                   lambda rest: main_train(rest, prog="cr-accel train")),
         "config": ("show the resolved config as YAML, or check it (parts built, one batch run) writing nothing",
                    main_config),
+        "evaluate": ("score a run's checkpoint on its validation or test split (or other data) with its loss and "
+                     "metrics; print them as JSON", main_evaluate),
+        "predict": ("run a run's model on the inputs in a .npz/.safetensors/.pt file and write its outputs",
+                    main_predict),
         "dashboard": ("serve the live dashboard that runs with dashboard.enabled=true report to", main_dashboard),
         "plot": ("draw runs' loss, learning rate and validation metrics against the step into one PNG", main_plot),
     }
@@ -267,9 +283,10 @@ def _config_check(args):
     meta, data = trainer.data.metadata, trainer.data
     shapes = (f"; inputs {meta['input_shape']} {meta.get('input_dtype', '')}, targets {meta['target_shape']} "
               f"{meta.get('target_dtype', '')}" if "input_shape" in meta and "target_shape" in meta else "")
+    test = f" / {len(data.test)} test" if data.test is not None else ""
     ran = "one batch of each split ran through model, loss and metrics" if preflight.enabled() else "preflight off"
     print(f"config OK: {args.config}: model {cfg.model.name} "
           f"({count_parameters(trainer.accelerator.unwrap_model(trainer.model)):,} parameters), "
-          f"data {cfg.data.name} ({len(data.train)} train / {len(data.val)} val{shapes}), loss {cfg.loss.name}, "
+          f"data {cfg.data.name} ({len(data.train)} train / {len(data.val)} val{test}{shapes}), loss {cfg.loss.name}, "
           f"metrics [{', '.join(metric_names(cfg.training.metrics))}]; {ran}")
     return 0

@@ -109,6 +109,7 @@ def check_batch(cfg, data, model, loss_fn, metric_fns, device, val_sets=None):
     model, loss and metrics."""
     with rng_kept(), torch.no_grad(), _eval_mode(model), _eager():
         splits = {"train": data.train, "val": data.val,
+                  **({"test": data.test} if getattr(data, "test", None) is not None else {}),
                   **{f"`data.val_sets.{name}`": dataset for name, dataset in (val_sets or {}).items()}}
         batches = {split: first_batch(dataset, split, device) for split, dataset in splits.items()}
         facts = DataFacts.of(cfg, data.metadata, *batches["train"])

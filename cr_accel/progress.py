@@ -23,9 +23,9 @@ class Progress:
                              file=sys.stderr)
         return self._bar
 
-    def validation(self, loader):
+    def validation(self, loader, desc="validate"):
         if self.enabled and self.interactive:
-            return tqdm(loader, desc="validate", leave=False, dynamic_ncols=True, file=sys.stderr)
+            return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
         return loader
 
     def show_validation(self, metrics):

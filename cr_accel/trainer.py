@@ -32,7 +32,7 @@ from .resume import ResumeMixin
 from .losses import loss_and_terms
 from .run_log import TextLog
 from .saving import SavingMixin
-from .validation import ValidationMixin, renamed_for_set
+from .validation import ValidationMixin, eval_loader, renamed_for_set
 from .sinks import RunStart, Sinks, build_sinks
 from .state import StateRegistry, TrainState
 from .step_stats import EpochStatsState, StepStats
@@ -236,9 +236,11 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
                           pin_memory=d.pin_memory, generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def _val_loader(self, dataset: Any, batch_size: int | None = None) -> DataLoader:
-        d = self.cfg.data
-        return DataLoader(dataset, batch_size=d.val_batch_size or batch_size or d.batch_size, shuffle=False,
-                          num_workers=d.num_workers, pin_memory=d.pin_memory)
+        return eval_loader(self.cfg.data, dataset, batch_size)
+
+    def eval_loader(self, dataset: Any) -> DataLoader:
+        """An unprepared loader over `dataset` with the validation's batches (the test split's, say)."""
+        return self._val_loader(dataset, self.micro_batch_size)
 
     @property
     def micro_batch_size(self) -> int:

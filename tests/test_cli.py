@@ -1,5 +1,6 @@
 """The `cr-accel` console script: --help and --version, unknown commands, `config show` and `config check`
-(which writes nothing), run as a user would run them. (`cr-accel plot` has its own tests/test_plot.py.)"""
+(which writes nothing), run as a user would run them. (`cr-accel plot` has its own tests/test_plot.py, `evaluate`
+and `predict` tests/test_evaluate.py.)"""
 
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ def test_help_lists_every_command_with_one_line(runs):
     rc, stdout, stderr = runs["help"]
     assert rc == 0, stderr
     lines = {m.group(1): m.group(2) for m in re.finditer(r"^  (\w+) +(\S.*)$", stdout, re.M)}
-    assert set(lines) == {"train", "config", "dashboard", "plot"}, stdout
+    assert set(lines) == {"train", "config", "evaluate", "predict", "dashboard", "plot"}, stdout
     assert "--version" in stdout
 
 
@@ -58,7 +59,7 @@ def test_unknown_or_missing_command_exits_2_with_the_list(runs, name, message):
     rc, stdout, stderr = runs[name]
     assert rc == 2
     assert re.search(message, stderr), stderr
-    assert all(f"  {c} " in stderr for c in ("train", "config", "dashboard", "plot")), stderr
+    assert all(f"  {c} " in stderr for c in ("train", "config", "evaluate", "predict", "dashboard", "plot")), stderr
 
 
 def test_config_without_action_lists_show_and_check(runs):

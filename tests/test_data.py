@@ -24,7 +24,7 @@ from cr_accel.registry import check_kwargs
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_KEYS = {
     "dataset", "task", "input_shape", "target_shape", "input_dtype", "target_dtype",
-    "num_train", "num_val", "data_range", "normalization", "source",
+    "num_train", "num_val", "num_test", "data_range", "normalization", "source",
 }  # fmt: skip
 
 

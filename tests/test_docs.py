@@ -26,3 +26,19 @@ def test_readme_documents_every_config_key():
             if f"| `{key}` |" not in text:
                 missing.append(f"{f.name}.{key}")
     assert not missing, f"undocumented config keys: {missing}"
+
+
+def test_readme_examples_of_evaluate_and_predict_parse():
+    """Every `cr-accel evaluate` / `cr-accel predict` line in the README's shell blocks is a valid command line."""
+    import shlex
+
+    from cr_accel.evaluate import _parser as evaluate_parser
+    from cr_accel.predict import _parser as predict_parser
+
+    parsers = {"evaluate": evaluate_parser(), "predict": predict_parser()}
+    blocks = re.findall(r"^```bash\n(.*?)^```", README, re.S | re.M)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    examples = [shlex.split(line)[1:] for line in lines if line.startswith(("cr-accel evaluate", "cr-accel predict"))]
+    assert {argv[0] for argv in examples} == set(parsers), examples
+    for command, *argv in examples:
+        parsers[command].parse_intermixed_args(argv)  # a bad example exits 2 here

@@ -14,7 +14,8 @@ The loop, in the order the events fire:
         on_validation_end(trainer, metrics)           # the validation metrics, reduced over all processes
         on_epoch_end(trainer, state)                  # state.metrics: the epoch's record, as logged
         on_checkpoint(trainer, path)                  # after a checkpoint is written
-    on_train_end(trainer, status)                     # "finished", "stopped_early", "failed", ...
+    on_train_end(trainer, status)                     # "finished", "stopped_early", "failed", ...;
+                                                      # the test split is scored here (final_score.py)
 
 A plain function `fn(epoch, train_loss, val_loss, model, optimizer, **metrics)` is also accepted and
 called at the end of every epoch. Callbacks run on every process; use `trainer.accelerator.is_main_process`
@@ -218,12 +219,13 @@ def hook_names() -> set[str]:
 
 def builtin_callbacks(cfg: Any, accelerator: Any = None) -> list[Callback]:
     """The EMA of the weights (training.ema_decay), the LR schedule's events (plateau, torch schedulers), the
-    checkpoint policy, early stopping
-    (training.early_stopping_patience), the pictures of validation (output.samples_every) and, for TensorBoard,
-    the histograms of weights and gradients (output.histograms_every): callbacks like a user's, so each can be
-    replaced (see CallbackList). `accelerator`: the run's, where EMA checks it can work."""
+    checkpoint policy, early stopping (training.early_stopping_patience), the pictures of validation
+    (output.samples_every), for TensorBoard the histograms of weights and gradients (output.histograms_every),
+    and the test split's score at the end (where the data has a test split): callbacks like a user's, so each
+    can be replaced (see CallbackList). `accelerator`: the run's, where EMA checks it can work."""
     from .checkpointing import CheckpointPolicy, EarlyStopping
     from .ema import EMA, check_engine
+    from .final_score import FinalTestScore
     from .histograms import Histograms
     from .lr_schedule import ScheduleEvents, needs_events
     from .pictures import ValidationPictures
@@ -244,4 +246,5 @@ def builtin_callbacks(cfg: Any, accelerator: Any = None) -> list[Callback]:
         callbacks.append(ValidationPictures(cfg.output.samples_every))
     if cfg.output.histograms_every and "tensorboard" in cfg.output.trackers:
         callbacks.append(Histograms(cfg.output.histograms_every))
+    callbacks.append(FinalTestScore())  # does nothing where the data has no test split
     return callbacks

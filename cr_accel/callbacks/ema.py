@@ -26,7 +26,8 @@ with no read on the host.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -103,6 +104,17 @@ class EMA(Callback):
 
     def on_train_end(self, trainer: Trainer, status: str) -> None:
         self._restore()  # a validation that failed half-way leaves no average in the model
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The model holds the average inside, as in a validation, and its own weights again after (the test
+        split's score at the end of training, where no best/ checkpoint holds it)."""
+        raw = [w.clone() for w in self._weights]
+        torch._foreach_copy_(self._weights, self.averages)
+        try:
+            yield
+        finally:
+            torch._foreach_copy_(self._weights, raw)
 
     def _restore(self) -> None:
         if self._raw is not None:

@@ -1,7 +1,9 @@
-"""Datasets chosen by name from the `data:` section of the config, each returning train and val splits.
+"""Datasets chosen by name from the `data:` section of the config, each returning train and val splits (and a
+test split, where the data section asks for one).
 
 The trainer calls `DATASETS.resolve(name)(seed=..., **data_section)`. Every builder returns a
-`DatasetSplits`: two map-style datasets whose items are `(input, target)` tensor pairs, and a
+`DatasetSplits`: map-style datasets whose items are `(input, target)` tensor pairs -- train, val and an
+optional test split, scored once after training and by `cr-accel evaluate --split test` -- and a
 JSON-serialisable `metadata` dict that the trainer writes into the run folder and reads to pick metrics.
 
 Two rules hold for every builder here:
@@ -10,13 +12,14 @@ Two rules hold for every builder here:
 - Everything is loaded or generated at construction; `__getitem__` is only tensor indexing.
 
 Metadata keys shared by all builders: `dataset`, `task`, `input_shape`, `target_shape` (per sample),
-`input_dtype`, `target_dtype`, `num_train`, `num_val`, `data_range` (`[low, high]` of the targets, or
+`input_dtype`, `target_dtype`, `num_train`, `num_val`, `num_test` (0 without a test split), `data_range` (`[low, high]` of the targets, or
 None; `psnr` and `ssim` measure against high - low, see `components.data_range_of`), `normalization`
 (per-channel input statistics, or None) and `source`.
 """
 
 import hashlib
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -33,6 +36,7 @@ class DatasetSplits:
     train: Dataset  # map-style: __len__, __getitem__(i) -> (input_tensor, target_tensor)
     val: Dataset
     metadata: dict  # JSON-serialisable description, see the module docstring
+    test: Optional[Dataset] = None  # held out from training and model selection; None: the data has no test split
 
 
 def seeded_generator(seed, stream):

@@ -14,11 +14,13 @@ from . import DATASETS, DatasetSplits, seeded_generator
 
 SUPPORTED_SUFFIXES = (".npz", ".safetensors", ".pt")
 _SUPPORTED_TEXT = ".npz, .safetensors or .pt"
+DATA_KEYS = ("data.input_key", "data.target_key")  # the settings that name the tensors, for messages
 
 
 
 @DATASETS.register("tensor_files")
-def tensor_files(seed, path, val_path=None, val_ratio=0.1, input_key="inputs", target_key="targets"):
+def tensor_files(seed, path, val_path=None, val_ratio=0.1, input_key="inputs", target_key="targets",
+                 test_path=None, test_ratio=None):
     """Your own data: inputs and targets tensors stored in .npz, .safetensors or .pt files.
 
     Each file holds two tensors with the same first dimension (the samples): the inputs under
@@ -41,51 +43,81 @@ def tensor_files(seed, path, val_path=None, val_ratio=0.1, input_key="inputs", t
             split is shuffled with the run's seed, so it is the same on every resume (default 0.1).
         input_key: name of the inputs tensor inside each file (default "inputs").
         target_key: name of the targets tensor inside each file (default "targets").
+        test_path: a file or folder with test data, in the same format, scored once after training
+            (default: none).
+        test_ratio: instead of `test_path`, the fraction of the samples at `path` held out as the test
+            set, in (0, 1): taken from the same seeded shuffle as the validation split, after it, so the
+            three sets are disjoint and adding a test split leaves the validation set as it was
+            (default: none, no test set).
     """
-    if val_path is None:
-        _check_val_ratio(val_ratio)
+    ratios = _check_ratios({"val": val_ratio} if val_path is None else {}, test_ratio, test_path)
     keys = (input_key, target_key)
     train_files = _list_files(path, "data.path")
     inputs, targets = _load_files(train_files, keys, reference=None)
-    if val_path is None:
-        (inputs, targets), (val_inputs, val_targets) = _split(inputs, targets, val_ratio, seed, path)
-        val_files, split = train_files, {"val_ratio": float(val_ratio), "seed": seed}
-    else:
-        val_files = _list_files(val_path, "data.val_path")
-        val_inputs, val_targets = _load_files(val_files, keys, reference=(train_files[0], inputs, targets))
-        split = "val_path"
-        for what, where, count in (("training", path, len(inputs)), ("validation", val_path, len(val_inputs))):
-            if count == 0:
+    reference = (train_files[0], inputs, targets)
+    (inputs, targets), held_out = _split(inputs, targets, ratios, seed, path)
+    if len(inputs) == 0:
+        raise UserError(f"the training data at `{path}` has no samples; add data to those files")
+    # {split: ((inputs, targets), files read, how it was made)}
+    sets = {name: (pair, train_files, {f"{name}_ratio": float(ratios[name]), "seed": seed})
+            for name, pair in held_out.items()}
+    for name, where, what in (("val", val_path, "validation"), ("test", test_path, "test")):
+        if name not in sets and where is not None:
+            files = _list_files(where, f"data.{name}_path")
+            pair = _load_files(files, keys, reference=reference)
+            if len(pair[0]) == 0:
                 raise UserError(f"the {what} data at `{where}` has no samples; add data to those files")
-
+            sets[name] = (pair, files, f"{name}_path")
+    (val_inputs, val_targets), val_files, val_split = sets["val"]
+    test, test_files, test_split = sets.get("test", (None, None, None))
     metadata = {
         "dataset": "tensor_files",
-        **_describe_task(inputs, targets, val_targets),
+        **_describe_task(inputs, targets, [val_targets] + ([test[1]] if test else [])),
         "input_shape": list(inputs.shape[1:]),
         "target_shape": list(targets.shape[1:]),
         "input_dtype": _dtype_name(inputs.dtype),
         "target_dtype": _dtype_name(targets.dtype),
         "num_train": len(inputs),
         "num_val": len(val_inputs),
+        "num_test": len(test[0]) if test else 0,
         "normalization": _channel_stats(inputs),
         "source": {
             "train": [str(f) for f in train_files],
             "val": [str(f) for f in val_files],
-            "split": split,
+            "split": val_split,
+            **({"test": [str(f) for f in test_files], "test_split": test_split} if test else {}),
             "input_key": input_key,
             "target_key": target_key,
         },
     }
-    return DatasetSplits(TensorDataset(inputs, targets), TensorDataset(val_inputs, val_targets), metadata)
+    return DatasetSplits(TensorDataset(inputs, targets), TensorDataset(val_inputs, val_targets), metadata,
+                         test=TensorDataset(*test) if test else None)
 
 
-def _check_val_ratio(val_ratio):
-    is_number = isinstance(val_ratio, (int, float)) and not isinstance(val_ratio, bool)
-    if not is_number or not 0 < val_ratio < 1:
-        raise UserError(
-            f"data.val_ratio must be a number strictly between 0 and 1 when data.val_path is not set, "
-            f"got {val_ratio!r}; e.g. val_ratio: 0.1 holds out 10% of the samples, or set data.val_path"
-        )
+def _check_ratios(given, test_ratio, test_path):
+    """{split: fraction of `path` held out} for the splits taken from `path` (`given`: {"val": val_ratio} without a
+    val_path), all problems in one message: each fraction in (0, 1), their sum below 1, and `test_path` and
+    `test_ratio` not both given."""
+    problems, ratios = [], {}
+    if test_ratio is not None:
+        given = {**given, "test": test_ratio}
+    for name, ratio in given.items():
+        is_number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+        if not is_number or not 0 < ratio < 1:
+            when = " when data.val_path is not set" if name == "val" else ""
+            problems.append(f"data.{name}_ratio must be a number strictly between 0 and 1{when}, got {ratio!r}; "
+                            f"e.g. {name}_ratio: 0.1 holds out 10% of the samples, or set data.{name}_path")
+        ratios[name] = ratio
+    if test_ratio is not None and test_path is not None:
+        problems.append(f"data.test_path and data.test_ratio are both set ({test_path!r}, {test_ratio!r}); the "
+                        "test set comes from one of them: remove the other")
+    if not problems and len(ratios) == 2 and sum(ratios.values()) >= 1:
+        problems.append(f"data.val_ratio={ratios['val']} and data.test_ratio={test_ratio} together hold out "
+                        f"{sum(ratios.values()):g} of the samples, leaving none to train on; make their sum "
+                        "less than 1 (e.g. val_ratio: 0.1, test_ratio: 0.1)")
+    if problems:
+        raise UserError("; ".join(problems))
+    return ratios
 
 
 def _list_files(path, field):
@@ -154,17 +186,37 @@ def _load_file(file, keys):
     return x, y
 
 
-def _read_tensors(file, keys):
+def read_tensor(file, key, setting):
+    """One tensor, `key`, of a .npz, .safetensors or .pt file, read as the datasets read theirs (no pickles);
+    `setting` names the option that chose `key` in the message when the file has no such tensor."""
+    file = Path(file)
+    if file.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise UserError(f"`{file}` has unsupported extension `{file.suffix or '(none)'}`; give a {_SUPPORTED_TEXT} "
+                        "file")
+    if not file.is_file():
+        raise UserError(f"`{file}` does not exist (looked for {file.resolve()})")
+    try:
+        (tensor,) = _read_tensors(file, (key,), (setting,))
+    except UserError:
+        raise
+    except Exception as exc:  # corrupt or foreign files: every reader has its own exception types
+        raise UserError(f"cannot read `{file}`: {type(exc).__name__}: {_first_line(exc)}") from None
+    if tensor.ndim == 0:
+        raise UserError(f"`{key}` in `{file}` is a scalar; it needs a first dimension indexing the samples")
+    return tensor
+
+
+def _read_tensors(file, keys, settings=DATA_KEYS):
     suffix = file.suffix.lower()
     reader = {".npz": _read_npz, ".safetensors": _read_safetensors}.get(suffix, _read_pt)
-    return reader(file, keys)
+    return reader(file, keys, settings)
 
 
-def _read_npz(file, keys):
+def _read_npz(file, keys, settings):
     if not zipfile.is_zipfile(file):  # np.load would try to unpickle it and suggest allow_pickle
         raise UserError(f"cannot read `{file}`: it is not a .npz archive (corrupt, or not written by numpy.savez)")
     with np.load(file, allow_pickle=False) as archive:
-        _check_keys(file, keys, archive.files)
+        _check_keys(file, keys, archive.files, settings)
         arrays = []
         for key in keys:
             try:
@@ -177,16 +229,16 @@ def _read_npz(file, keys):
     return tuple(_numpy_to_tensor(file, key, a) for key, a in zip(keys, arrays))
 
 
-def _read_safetensors(file, keys):
+def _read_safetensors(file, keys, settings):
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as handle:
-        _check_keys(file, keys, list(handle.keys()))
+        _check_keys(file, keys, list(handle.keys()), settings)
         return tuple(handle.get_tensor(key) for key in keys)
 
 
-def _read_pt(file, keys):
-    example = f"torch.save({{'{keys[0]}': x, '{keys[1]}': y}}, path)"
+def _read_pt(file, keys, settings):
+    example = "torch.save({" + ", ".join(f"'{key}': {name}" for key, name in zip(keys, "xy")) + "}, path)"
     try:
         content = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -203,19 +255,19 @@ def _read_pt(file, keys):
         ) from None
     if not isinstance(content, dict):
         raise UserError(f"`{file}` holds a {type(content).__name__}, not a dict of tensors; save it as {example}")
-    _check_keys(file, keys, [str(k) for k in content])
+    _check_keys(file, keys, [str(k) for k in content], settings)
     for key in keys:
         if not isinstance(content[key], torch.Tensor):
             raise UserError(f"`{key}` in `{file}` is a {type(content[key]).__name__}, not a tensor")
-    return content[keys[0]], content[keys[1]]
+    return tuple(content[key] for key in keys)
 
 
-def _check_keys(file, keys, present):
-    for field, key in zip(("input_key", "target_key"), keys):
+def _check_keys(file, keys, present, settings):
+    for setting, key in zip(settings, keys):
         if key not in present:
             raise UserError(
                 f"`{file}` has no `{key}` tensor (keys present: {', '.join(sorted(present)) or 'none'}); "
-                f"set data.{field} to the right one"
+                f"set {setting} to the right one"
             )
 
 
@@ -226,25 +278,40 @@ def _numpy_to_tensor(file, key, array):
         raise UserError(f"`{key}` in `{file}` has dtype {array.dtype}, which torch cannot hold; save numbers") from None
 
 
-def _split(inputs, targets, val_ratio, seed, path):
-    """A shuffled train/val split fixed by the seed; each side keeps the files' order."""
+def _split(inputs, targets, ratios, seed, path):
+    """Train and the held-out sets {name: (inputs, targets)} of `ratios` ({"val": r, "test": r}, either may
+    be absent), from one shuffle fixed by the seed: validation takes the first samples of it, the test set
+    the next ones, so adding a test split leaves validation as it was. Each set keeps the files' order."""
     total = len(inputs)
-    num_val = round(total * val_ratio)
-    if num_val == 0 or num_val == total:
-        empty = "validation" if num_val == 0 else "training"
-        raise UserError(
-            f"splitting the {total} samples at `{path}` with data.val_ratio={val_ratio} leaves the {empty} "
-            f"set empty; choose a val_ratio that keeps at least one sample on each side, or set data.val_path"
-        )
     order = torch.randperm(total, generator=seeded_generator(seed, "tensor_files/split"))
-    val_index, train_index = order[:num_val].sort().values, order[num_val:].sort().values
-    return (inputs[train_index], targets[train_index]), (inputs[val_index], targets[val_index])
+    held, start = {}, 0
+    for name, what in (("val", "validation"), ("test", "test")):
+        if name not in ratios:
+            continue
+        count = round(total * ratios[name])
+        if count == 0:
+            raise UserError(_empty_split(total, path, ratios, what, name))
+        held[name] = order[start : start + count].sort().values
+        start += count
+    if held and start >= total:
+        raise UserError(_empty_split(total, path, ratios, "training", next(iter(held))))
+    train_index = order[start:].sort().values
+    return (inputs[train_index], targets[train_index]), {n: (inputs[i], targets[i]) for n, i in held.items()}
 
 
-def _describe_task(inputs, targets, val_targets):
+def _empty_split(total, path, ratios, empty, name):
+    given = " and ".join(f"data.{n}_ratio={r}" for n, r in ratios.items())
+    fix = f"a {name}_ratio" if len(ratios) == 1 else "ratios"
+    alternative = "set data.val_path" if name == "val" else f"set data.{name}_path"
+    return (f"splitting the {total} samples at `{path}` with {given} leaves the {empty} set empty; choose "
+            f"{fix} that keeps at least one sample in each set, or {alternative}")
+
+
+def _describe_task(inputs, targets, held_out_targets):
+    """The task from the training targets; the number of classes counts the labels of every set."""
     integer = not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
     if integer and targets.ndim == 1:
-        labels_max = max(int(targets.max()), int(val_targets.max()) if len(val_targets) else 0)
+        labels_max = max(int(t.max()) if len(t) else 0 for t in (targets, *held_out_targets))
         return {"task": "classification", "num_classes": labels_max + 1, "data_range": None}
     task = "reconstruction" if targets.shape[1:] == inputs.shape[1:] and targets.is_floating_point() else "regression"
     observed = [float(targets.min()), float(targets.max())] if targets.is_floating_point() else None

@@ -22,6 +22,7 @@ def synthetic_cr(
     blur_sigma=1.0,
     noise_std=0.05,
     mask_ratio=0.0,
+    num_test=0,
 ):
     """Synthetic reconstruction: recover clean images of smooth shapes from blurred, noisy, masked copies.
 
@@ -30,7 +31,8 @@ def synthetic_cr(
     intensity. Inputs are the targets blurred by a gaussian, plus gaussian noise, clipped to [0, 1], and
     with a random fraction of pixels set to 0. Generated in memory from the seed: the same seed gives
     bit-identical data in every process on a machine, whatever its thread count. Train and val come from
-    separate random streams, so changing `num_train` leaves the validation set as it was.
+    separate random streams, so changing `num_train` leaves the validation set as it was; the test split
+(`num_test`) has a stream of its own too, so adding one changes neither.
 
     Args:
         num_train: number of training images (default 256).
@@ -41,9 +43,11 @@ def synthetic_cr(
         noise_std: standard deviation of the additive gaussian noise, in units of the [0, 1] data range;
             0 turns noise off (default 0.05).
         mask_ratio: fraction of input pixels set to 0 at random, in [0, 1) (default 0.0).
+        num_test: number of test images, scored once after training; 0: no test split (default 0).
     """
     _check_int("num_train", num_train, minimum=1)
     _check_int("num_val", num_val, minimum=1)
+    _check_int("num_test", num_test, minimum=0)
     _check_int("image_size", image_size, minimum=4)
     _check_int("max_shapes", max_shapes, minimum=1)
     _check_float("blur_sigma", blur_sigma, minimum=0.0)
@@ -51,7 +55,9 @@ def synthetic_cr(
     _check_float("mask_ratio", mask_ratio, minimum=0.0, below=1.0)
 
     splits = {}
-    for split, count in (("train", num_train), ("val", num_val)):
+    for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
+        if count == 0:
+            continue
         generator = seeded_generator(seed, f"synthetic_cr/{split}")
         clean = _render_shapes(generator, count, image_size, max_shapes)
         degraded = _degrade(clean, generator, blur_sigma, noise_std, mask_ratio)
@@ -67,6 +73,7 @@ def synthetic_cr(
         "target_dtype": "float32",
         "num_train": num_train,
         "num_val": num_val,
+        "num_test": num_test,
         # The targets' range by construction (background in [0, 0.1), shapes of intensity up to 1, combined by
         # max), not the range observed in this draw: psnr and ssim measure against it.
         "data_range": [0.0, 1.0],
@@ -78,7 +85,7 @@ def synthetic_cr(
             "mask_ratio": float(mask_ratio),
         },
     }
-    return DatasetSplits(train=splits["train"], val=splits["val"], metadata=metadata)
+    return DatasetSplits(train=splits["train"], val=splits["val"], metadata=metadata, test=splits.get("test"))
 
 
 # Rendering and blurring use only +, -, *, /, sqrt, min/max and clamp on image-sized tensors: IEEE-exact
