@@ -369,6 +369,18 @@ def test_through_train_py_an_unmatched_input_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_image_cut_off_after_its_header_stops_the_run_naming_it(tmp_path, capsys):
+    """Only the first image of a folder is decoded at build: one whose header is sound but whose pixels are cut
+    off is found when a worker reads it, and reported in one line all the same."""
+    paired(tmp_path / "data", n=20)
+    data = (tmp_path / "data" / "inputs" / "05.png").read_bytes()
+    (tmp_path / "data" / "inputs" / "05.png").write_bytes(data[: len(data) // 2])
+    assert main_train(["--config", str(run_config(tmp_path, tmp_path / "data", num_workers=2))]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: cannot read the image `.*/inputs/05\.png` \(OSError: image file is truncated\): .* "
+                        r"\(read in a DataLoader worker\)\n", err), err
+
+
 def test_an_image_of_another_size_is_fine_with_crop(tmp_path):
     other_size(tmp_path / "data")
     for f in (tmp_path / "data" / "targets" / "02.png",):

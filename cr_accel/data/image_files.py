@@ -32,6 +32,16 @@ PILLOW_MODES = {
 }  # fmt: skip
 
 
+class ImageReadError(UserError):
+    """A file that cannot be read as an image. Raised in a DataLoader worker, it reaches the main process as
+    `ImageReadError(<the worker's traceback as text>)`; only the message, its last line, is kept: one line."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].partition(": ")[2] + " (read in a DataLoader worker)"
+        super().__init__(message)
+
+
 @dataclass(frozen=True)
 class ImageHeader:
     """What a file's header says: enough to check it against the others without decoding it."""
@@ -75,8 +85,9 @@ def _reading(file, read):
         raise
     except Exception as exc:  # corrupt or foreign files: each reader has exception types of its own
         text = str(exc).strip().splitlines()
-        raise UserError(f"cannot read the image `{file}` ({type(exc).__name__}: {text[0] if text else 'no details'}): "
-                        "it is corrupt or not the format its extension says; replace or remove it") from None
+        why = f"{type(exc).__name__}: {text[0] if text else 'no details'}"
+        raise ImageReadError(f"cannot read the image `{file}` ({why}): it is corrupt or not the format its extension "
+                             "says; replace or remove it") from None
 
 
 # ---------------------------------------------------------------- PNG and JPEG: Pillow

@@ -64,17 +64,17 @@ def image_folder(seed, path, val_path=None, val_ratio=0.1, crop=None, flip=False
         train, split = samples, "val_path"
 
     paired = layout == "paired"
-    inputs = _sample_shape(reference[0], crop)
     metadata = {
         "dataset": "image_folder",
         "task": "reconstruction" if paired else "classification",
         **({} if paired else {"num_classes": len(classes), "classes": classes}),
-        "input_shape": inputs,
+        "input_shape": _sample_shape(reference[0], crop),
         "target_shape": _sample_shape(reference[1], crop) if paired else [],
         "input_dtype": "float32",
         "target_dtype": "float32" if paired else "int64",
         "num_train": len(train),
         "num_val": len(val),
+        "num_test": 0,  # no test split
         "data_range": _data_range(reference[1], train, data_range) if paired else None,
         "normalization": None,  # per-channel statistics would need every image decoded at build
         "source": {
