@@ -93,7 +93,8 @@ def test_paired_folders_decode_each_format_to_scaled_float32(tmp_path, suffix, d
     meta = splits.metadata
     assert SHARED_KEYS <= meta.keys() and json.loads(json.dumps(meta)) == meta
     assert (meta["task"], meta["input_shape"], meta["target_shape"]) == ("reconstruction", [1, 12, 16], [1, 12, 16])
-    assert (meta["input_dtype"], meta["target_dtype"], meta["num_train"], meta["num_val"]) == ("float32", "float32", 3, 2)
+    assert (meta["input_dtype"], meta["target_dtype"]) == ("float32", "float32")
+    assert (meta["num_train"], meta["num_val"], meta["num_test"]) == (3, 2, 0)
     assert meta["source"]["stored"] == {"inputs": "uint8", "targets": np.dtype(dtype).name}
     if scale:
         assert meta["data_range"] == [0.0, 1.0]
@@ -337,8 +338,9 @@ BAD = {
     "empty-class-folder": (empty_class, {}, r"`.*/empty` has no images \(.*it holds: notes\.txt\); add images"),
     "corrupt-image": (corrupt, {}, r"cannot read the image `.*/targets/02\.png` \(.*\): it is corrupt"),
     "truncated-first-image": (truncated_first, {}, r"cannot read the image `.*/inputs/00\.png`"),
-    "other-size": (other_size, {"crop": None}, r"`.*/inputs/02\.png` is 20x12 pixels \(width x height\) but `.*/inputs/00\.png` "
-                                   r"is 16x12 .*set data\.crop"),
+    "other-size": (other_size, {"crop": None},
+                   r"`.*/inputs/02\.png` is 20x12 pixels \(width x height\) but `.*/inputs/00\.png` is 16x12 "
+                   r".*set data\.crop"),
     "other-bit-depth": (other_depth, {}, r"`.*/targets/01\.png` is 1-channel uint16 but `.*/targets/00\.png` is "
                                          r"1-channel uint8"),
     "crop-larger-than-the-images": (lambda root: paired(root, n=4), {"crop": 16},
@@ -389,37 +391,76 @@ def test_an_image_of_another_size_is_fine_with_crop(tmp_path):
     assert all(splits.train[i][0].shape == (1, 8, 8) for i in range(len(splits.train)))
 
 
-@pytest.mark.parametrize("make, kwargs, message", [
-    (lambda r: (paired(r, n=2), (r / "x.png").write_text("")), {"path": "{root}/x.png"}, r"is a file"),
-    (lambda r: (paired(r, n=2), save(r / "inputs" / "00.tif", pixels(0, (12, 16)))), {},
-     r"two images named `00` \(`00\.png` and `00\.tif`\)"),
-    (lambda r: (paired(r, n=2), save(r / "targets" / "09.png", pixels(9, (12, 16)))), {}, r"1 image\(s\) in `.*/targets` have no input of the same name in `.*/inputs`: 09\.png"),
-    (lambda r: (save(r / "inputs" / "00.png", pixels(0, (8, 8))), save(r / "targets" / "00.png", pixels(0, (4, 8)))),
-     {"crop": 4, "val_path": "{root}"},
-     r"`.*/inputs/00\.png` is 8x8 pixels .*its target `.*/targets/00\.png` is 8x4"),
-    (lambda r: (classes(r), save(r / "ant" / "gray.png", pixels(0, (8, 8)))), {},
-     r"`.*/ant/gray\.png` is 1-channel uint8 but `.*/ant/ant0\.png` is 3-channel uint8"),
-    (lambda r: classes(r), {"val_path": "{root}/val"}, r"data\.val_path .* does not exist"),
-    (lambda r: (classes(r / "train"), classes(r / "val", counts=(("bee", 1),))),
-     {"path": "{root}/train", "val_path": "{root}/val"}, r"class folder\(s\) bee that data\.path"),
-    (lambda r: (classes(r / "train"), paired(r / "val", n=1)), {"path": "{root}/train", "val_path": "{root}/val"},
-     r"holds `inputs/` and `targets/` folders but data\.path .* holds class folders"),
-    (lambda r: paired(r, n=2, same=True), {"val_ratio": 0.2}, r"leaves the validation set empty"),
-    (lambda r: paired(r, n=2), {"crop": 0, "flip": "yes", "val_ratio": 1}, r"data\.val_ratio.*; data\.crop.*; "
-                                                                           r"data\.flip"),
-    (lambda r: (save(r / "inputs" / "00.png", pixels(0, (4, 4, 4))), save(r / "targets" / "00.png",
-                                                                          pixels(0, (4, 4)))), {"val_path": "{root}"},
-     r"Pillow mode RGBA \(it has an alpha channel"),
-    (lambda r: (save(r / "inputs" / "00.tif", pixels(0, (5, 4, 6))), save(r / "targets" / "00.png",
-                                                                             pixels(0, (4, 6)))), {"val_path": "{root}"},
-     r"`.*/inputs/00\.tif` holds 5 pages \(a stack\)"),
-    (lambda r: (save(r / "inputs" / "00.tif", pixels(0, (4, 4), np.int16)), save(r / "targets" / "00.png",
-                                                                                pixels(0, (4, 4)))), {"val_path": "{root}"},
-     r"holds int16 values"),
-], ids=["path-is-a-file", "two-files-one-name", "target-without-input", "pair-of-two-sizes-with-crop",
-        "rgb-class-with-a-gray-image", "missing-val-path", "unknown-val-class", "val-laid-out-otherwise",
-        "split-leaves-val-empty", "bad-options-together", "alpha-channel", "tiff-stack", "signed-tiff"])
-def test_more_bad_data_is_refused_naming_the_file(tmp_path, make, kwargs, message):
+def a_file_as_path(root):
+    paired(root, n=2)
+    (root / "x.png").write_text("")
+
+
+def two_files_one_name(root):
+    paired(root, n=2)
+    save(root / "inputs" / "00.tif", pixels(0, (12, 16)))
+
+
+def target_without_input(root):
+    paired(root, n=2)
+    save(root / "targets" / "09.png", pixels(9, (12, 16)))
+
+
+def pair_of_two_sizes(root):
+    save(root / "inputs" / "00.png", pixels(0, (8, 8)))
+    save(root / "targets" / "00.png", pixels(0, (4, 8)))
+
+
+def gray_among_rgb(root):
+    classes(root)
+    save(root / "ant" / "gray.png", pixels(0, (8, 8)))
+
+
+def unknown_val_class(root):
+    classes(root / "train")
+    classes(root / "val", counts=(("bee", 1),))
+
+
+def val_laid_out_otherwise(root):
+    classes(root / "train")
+    paired(root / "val", n=1)
+
+
+def one_pair(name, array):
+    def make(root):
+        save(root / "inputs" / name, array)
+        save(root / "targets" / "00.png", pixels(0, array.shape[-2:] if array.ndim == 2 else array.shape[:2]))
+    return make
+
+
+TRAIN_VAL = {"path": "{root}/train", "val_path": "{root}/val"}
+MORE_BAD = {
+    "path-is-a-file": (a_file_as_path, {"path": "{root}/x.png"}, r"is a file"),
+    "two-files-one-name": (two_files_one_name, {}, r"two images named `00` \(`00\.png` and `00\.tif`\)"),
+    "target-without-input": (target_without_input, {},
+                             r"1 image\(s\) in `.*/targets` have no input of the same name in `.*/inputs`: 09\.png"),
+    "pair-of-two-sizes-with-crop": (pair_of_two_sizes, {"crop": 4, "val_path": "{root}"},
+                                    r"`.*/inputs/00\.png` is 8x8 pixels .*its target `.*/targets/00\.png` is 8x4"),
+    "rgb-class-with-a-gray-image": (gray_among_rgb, {},
+                                    r"`.*/ant/gray\.png` is 1-channel uint8 but `.*/ant/ant0\.png` is 3-channel uint8"),
+    "missing-val-path": (classes, {"val_path": "{root}/val"}, r"data\.val_path .* does not exist"),
+    "unknown-val-class": (unknown_val_class, TRAIN_VAL, r"class folder\(s\) bee that data\.path"),
+    "val-laid-out-otherwise": (val_laid_out_otherwise, TRAIN_VAL,
+                               r"holds `inputs/` and `targets/` folders but data\.path .* holds class folders"),
+    "split-leaves-val-empty": (lambda root: paired(root, n=2), {"val_ratio": 0.2}, r"leaves the validation set empty"),
+    "bad-options-together": (lambda root: paired(root, n=2), {"crop": 0, "flip": "yes", "val_ratio": 1},
+                             r"data\.val_ratio.*; data\.crop.*; data\.flip"),
+    "alpha-channel": (one_pair("00.png", pixels(0, (4, 4, 4))), {"val_path": "{root}"},
+                      r"Pillow mode RGBA \(it has an alpha channel"),
+    "tiff-stack": (one_pair("00.tif", pixels(0, (5, 4, 6))), {"val_path": "{root}"},
+                   r"`.*/inputs/00\.tif` holds 5 pages \(a stack\)"),
+    "signed-tiff": (one_pair("00.tif", pixels(0, (4, 4), np.int16)), {"val_path": "{root}"}, r"holds int16 values"),
+}
+
+
+@pytest.mark.parametrize("case", MORE_BAD, ids=list(MORE_BAD))
+def test_more_bad_data_is_refused_naming_the_file(tmp_path, case):
+    make, kwargs, message = MORE_BAD[case]
     root = tmp_path / "data"
     root.mkdir()
     make(root)

@@ -137,7 +137,8 @@ def _tifffile(file):
     try:
         import tifffile
     except ImportError:
-        raise UserError(f"`{file}` is a TIFF, which image_folder reads with tifffile, not installed: {INSTALL}") from None
+        raise UserError(f"`{file}` is a TIFF, which image_folder reads with tifffile, not installed: "
+                        f"{INSTALL}") from None
     return tifffile
 
 
