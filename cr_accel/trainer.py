@@ -395,6 +395,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         if self.stages:
             self._use_stage_loader()
         self.train_loader.set_epoch(epoch)  # every epoch, also after a restart: the shuffle follows it
+        if hasattr(self.data.train, "set_epoch"):  # augmentation by epoch (image_folder): accelerate's loader
+            self.data.train.set_epoch(epoch)  # passes it on only where its sampler has no set_epoch (1 process)
         loader = self.train_loader
         if self._resumed_mid_epoch:
             # The batch sampler skips the consumed batches' indices: their data is never loaded.

@@ -4,8 +4,9 @@
                                 [--print-pid] [--await-signal R:K] [--resume_from_checkpoint X] [overrides...]
 
 Writes (main process) OUT.json: the LR each optimizer step used, the final status and step, and the
-final weights next to it as OUT.safetensors (from the unwrapped model), so tests can check runs
-launched through `accelerate launch`. Exits like train.py (75 when preempted).
+final weights next to it as OUT.safetensors (from the unwrapped model), and the epoch the training dataset
+held at each epoch's end where it has one (`dataset_epochs`: image_folder's augmentation epoch), so tests can check
+runs launched through `accelerate launch`. Exits like train.py (75 when preempted).
 --stop-at-step K: the process sends itself SIGTERM right after optimizer step K (the real signal path).
 --slow-save S: prints `WRITING-MANIFEST <folder>` and sleeps S seconds before each checkpoint's manifest
 is written, so a test can kill the process while a checkpoint is half written; with --slow-save-step N only the
@@ -50,6 +51,7 @@ class Recorder(Callback):
         self.print_pid = print_pid
         self.await_signal = await_signal  # (rank, step) or None
         self.lrs = []
+        self.dataset_epochs = []
 
     def on_train_start(self, trainer):
         self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
@@ -70,6 +72,11 @@ class Recorder(Callback):
             while not trainer.preemption.requested and time.time() < deadline:
                 time.sleep(0.01)  # the handler runs in this (main) thread between sleeps
 
+    def on_epoch_end(self, trainer, state):
+        epoch = getattr(trainer.data.train, "epoch", None)
+        if epoch is not None:
+            self.dataset_epochs.append(int(epoch))
+
     def on_train_end(self, trainer, status):
         acc = trainer.accelerator
         with open(self.path.replace(".json", f".rank{acc.process_index}.json"), "w") as f:
@@ -82,7 +89,7 @@ class Recorder(Callback):
             used = self.lrs[:-1]  # the last entry belongs to a step that never ran
             with open(self.path, "w") as f:
                 json.dump({"lrs": used, "world_size": acc.num_processes, "status": status,
-                           "global_step": trainer.global_step}, f)
+                           "global_step": trainer.global_step, "dataset_epochs": self.dataset_epochs}, f)
 
 
 def fill_disk(path):

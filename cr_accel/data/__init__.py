@@ -51,6 +51,7 @@ def seeded_generator(seed, stream):
 
 # The built-in builders register themselves on import.
 from .files import tensor_files  # noqa: E402
+from .images import image_folder  # noqa: E402
 from .synthetic import synthetic_cr  # noqa: E402
 
 __all__ = ["DATASETS", "DatasetSplits", "seeded_generator", "synthetic_cr", "tensor_files"]
