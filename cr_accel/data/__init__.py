@@ -9,7 +9,9 @@ JSON-serialisable `metadata` dict that the trainer writes into the run folder an
 Two rules hold for every builder here:
 - Randomness comes only from `torch.Generator`s derived from `seed`, never from the global RNGs, so that
   building a dataset cannot shift the RNG state a resumed run depends on.
-- Everything is loaded or generated at construction; `__getitem__` is only tensor indexing.
+- `synthetic_cr` and `tensor_files` load or generate everything at construction (`__getitem__` is tensor
+  indexing); `image_folder` lists and checks its files there and decodes each image in `__getitem__` (in the
+  DataLoader's workers), its augmentation drawn from (seed, epoch, index) only.
 
 Metadata keys shared by all builders: `dataset`, `task`, `input_shape`, `target_shape` (per sample),
 `input_dtype`, `target_dtype`, `num_train`, `num_val`, `num_test` (0 without a test split), `data_range` (`[low, high]` of the targets, or
@@ -54,4 +56,4 @@ from .files import tensor_files  # noqa: E402
 from .images import image_folder  # noqa: E402
 from .synthetic import synthetic_cr  # noqa: E402
 
-__all__ = ["DATASETS", "DatasetSplits", "seeded_generator", "synthetic_cr", "tensor_files"]
+__all__ = ["DATASETS", "DatasetSplits", "image_folder", "seeded_generator", "synthetic_cr", "tensor_files"]
