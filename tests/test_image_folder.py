@@ -136,6 +136,22 @@ def test_class_folders_give_sorted_labels_and_a_seeded_split(tmp_path):
     assert again.val.inputs == splits.val.inputs and other.val.inputs != splits.val.inputs
 
 
+def test_a_test_split_by_ratio_or_folder_leaves_validation_as_it_was(tmp_path):
+    root = classes(tmp_path / "c", counts=(("cat", 10), ("ant", 10)))
+    without = image_folder(seed=3, path=str(root), val_ratio=0.2)
+    split = image_folder(seed=3, path=str(root), val_ratio=0.2, test_ratio=0.3)
+    assert split.val.inputs == without.val.inputs  # the test set comes after validation in the same shuffle
+    train, val, test = set(split.train.inputs), set(split.val.inputs), set(split.test.inputs)
+    assert (len(train), len(val), len(test)) == (10, 4, 6) and not (train & val or train & test or val & test)
+    assert split.metadata["num_test"] == 6 and split.metadata["source"]["test_split"] == {"test_ratio": 0.3, "seed": 3}
+    assert without.test is None and without.metadata["num_test"] == 0
+    held = classes(tmp_path / "held", counts=(("cat", 2),))
+    by_folder = image_folder(seed=3, path=str(root), val_ratio=0.2, test_path=str(held))
+    assert [int(by_folder.test[i][1]) for i in range(2)] == [1, 1]  # cat is label 1 of [ant, cat]
+    with pytest.raises(UserError, match=r"data\.val_ratio=0\.6 and data\.test_ratio=0\.5 together"):
+        image_folder(seed=3, path=str(root), val_ratio=0.6, test_ratio=0.5)
+
+
 def test_validation_classes_keep_the_training_labels(tmp_path):
     train = classes(tmp_path / "train")
     val = classes(tmp_path / "val", counts=(("dog", 2),))

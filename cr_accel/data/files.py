@@ -10,7 +10,8 @@ from torch.utils.data import TensorDataset
 
 from cr_accel.errors import UserError
 
-from . import DATASETS, DatasetSplits, seeded_generator
+from . import DATASETS, DatasetSplits
+from .splits import check_ratios, split_indices
 
 SUPPORTED_SUFFIXES = (".npz", ".safetensors", ".pt")
 _SUPPORTED_TEXT = ".npz, .safetensors or .pt"
@@ -50,7 +51,7 @@ def tensor_files(seed, path, val_path=None, val_ratio=0.1, input_key="inputs", t
             three sets are disjoint and adding a test split leaves the validation set as it was
             (default: none, no test set).
     """
-    ratios = _check_ratios({"val": val_ratio} if val_path is None else {}, test_ratio, test_path)
+    ratios = check_ratios(val_ratio, val_path, test_ratio, test_path)
     keys = (input_key, target_key)
     train_files = _list_files(path, "data.path")
     inputs, targets = _load_files(train_files, keys, reference=None)
@@ -92,32 +93,6 @@ def tensor_files(seed, path, val_path=None, val_ratio=0.1, input_key="inputs", t
     }
     return DatasetSplits(TensorDataset(inputs, targets), TensorDataset(val_inputs, val_targets), metadata,
                          test=TensorDataset(*test) if test else None)
-
-
-def _check_ratios(given, test_ratio, test_path):
-    """{split: fraction of `path` held out} for the splits taken from `path` (`given`: {"val": val_ratio} without a
-    val_path), all problems in one message: each fraction in (0, 1), their sum below 1, and `test_path` and
-    `test_ratio` not both given."""
-    problems, ratios = [], {}
-    if test_ratio is not None:
-        given = {**given, "test": test_ratio}
-    for name, ratio in given.items():
-        is_number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
-        if not is_number or not 0 < ratio < 1:
-            when = " when data.val_path is not set" if name == "val" else ""
-            problems.append(f"data.{name}_ratio must be a number strictly between 0 and 1{when}, got {ratio!r}; "
-                            f"e.g. {name}_ratio: 0.1 holds out 10% of the samples, or set data.{name}_path")
-        ratios[name] = ratio
-    if test_ratio is not None and test_path is not None:
-        problems.append(f"data.test_path and data.test_ratio are both set ({test_path!r}, {test_ratio!r}); the "
-                        "test set comes from one of them: remove the other")
-    if not problems and len(ratios) == 2 and sum(ratios.values()) >= 1:
-        problems.append(f"data.val_ratio={ratios['val']} and data.test_ratio={test_ratio} together hold out "
-                        f"{sum(ratios.values()):g} of the samples, leaving none to train on; make their sum "
-                        "less than 1 (e.g. val_ratio: 0.1, test_ratio: 0.1)")
-    if problems:
-        raise UserError("; ".join(problems))
-    return ratios
 
 
 def _list_files(path, field):
@@ -279,32 +254,9 @@ def _numpy_to_tensor(file, key, array):
 
 
 def _split(inputs, targets, ratios, seed, path):
-    """Train and the held-out sets {name: (inputs, targets)} of `ratios` ({"val": r, "test": r}, either may
-    be absent), from one shuffle fixed by the seed: validation takes the first samples of it, the test set
-    the next ones, so adding a test split leaves validation as it was. Each set keeps the files' order."""
-    total = len(inputs)
-    order = torch.randperm(total, generator=seeded_generator(seed, "tensor_files/split"))
-    held, start = {}, 0
-    for name, what in (("val", "validation"), ("test", "test")):
-        if name not in ratios:
-            continue
-        count = round(total * ratios[name])
-        if count == 0:
-            raise UserError(_empty_split(total, path, ratios, what, name))
-        held[name] = order[start : start + count].sort().values
-        start += count
-    if held and start >= total:
-        raise UserError(_empty_split(total, path, ratios, "training", next(iter(held))))
-    train_index = order[start:].sort().values
+    """Train and the held-out sets {name: (inputs, targets)} of `ratios` (see `splits.split_indices`)."""
+    train_index, held = split_indices(len(inputs), ratios, seed, "tensor_files/split", path)
     return (inputs[train_index], targets[train_index]), {n: (inputs[i], targets[i]) for n, i in held.items()}
-
-
-def _empty_split(total, path, ratios, empty, name):
-    given = " and ".join(f"data.{n}_ratio={r}" for n, r in ratios.items())
-    fix = f"a {name}_ratio" if len(ratios) == 1 else "ratios"
-    alternative = "set data.val_path" if name == "val" else f"set data.{name}_path"
-    return (f"splitting the {total} samples at `{path}` with {given} leaves the {empty} set empty; choose "
-            f"{fix} that keeps at least one sample in each set, or {alternative}")
 
 
 def _describe_task(inputs, targets, held_out_targets):

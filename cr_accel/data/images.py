@@ -16,15 +16,17 @@ from torch.utils.data import Dataset
 
 from cr_accel.errors import UserError
 
-from . import DATASETS, DatasetSplits, seeded_generator
+from . import DATASETS, DatasetSplits
 from .image_files import SUFFIXES, SUPPORTED_TEXT, ImageHeader, decode_image, read_header
+from .splits import ratio_problems, split_indices
 from .transforms import PairAugment
 
 PAIRED = ("inputs", "targets")  # the subfolders of paired data
 
 
 @DATASETS.register("image_folder")
-def image_folder(seed, path, val_path=None, val_ratio=0.1, crop=None, flip=False, data_range=None):
+def image_folder(seed, path, val_path=None, val_ratio=0.1, crop=None, flip=False, data_range=None,
+                 test_path=None, test_ratio=None):
     """Your own images in a folder: pairs of input and target images, or images sorted into class folders.
 
     `path` holds either `inputs/` and `targets/` subfolders (reconstruction: `inputs/x.png` is matched with the
@@ -49,19 +51,31 @@ def image_folder(seed, path, val_path=None, val_ratio=0.1, crop=None, flip=False
         data_range: `[low, high]` of the targets, which `psnr` and `ssim` measure against. By default [0, 1] for
             8- and 16-bit targets; for floating-point targets the range observed in the training targets, which
             costs one pass over those files at start: giving it here saves that pass (default: none).
+        test_path: a folder with test data, laid out like `path`, scored once after training (default: none).
+        test_ratio: instead of `test_path`, the fraction of the images at `path` held out as the test set, in
+            (0, 1): from the same seeded shuffle as the validation split, after it, so the sets are disjoint and
+            adding a test split leaves validation as it was (default: none, no test set).
     """
-    _check_options(val_path, val_ratio, crop, flip, data_range)
+    ratios, problems = ratio_problems(val_ratio, val_path, test_ratio, test_path)
+    problems += _option_problems(crop, flip, data_range)
+    if problems:
+        raise UserError("; ".join(problems))
     root = _folder(path, "data.path")
     layout, samples, classes = _read_layout(root, "data.path")
     reference = _check_images(layout, samples, crop)
-    if val_path is None:
-        train, val = _split(samples, val_ratio, seed, path)
-        val_root, split = None, {"val_ratio": float(val_ratio), "seed": seed}
-    else:
-        val_root = _folder(val_path, "data.val_path")
-        val = _validation_samples(val_root, layout, classes, root)
-        _check_images(layout, val, crop, reference)
-        train, split = samples, "val_path"
+    train_index, held_index = split_indices(len(samples), ratios, seed, "image_folder/split", path)
+    train = [samples[i] for i in train_index.tolist()]
+    # {split: (samples, folder or None, how it was made)}
+    sets = {name: ([samples[i] for i in index.tolist()], None, {f"{name}_ratio": float(ratios[name]), "seed": seed})
+            for name, index in held_index.items()}
+    for name, where in (("val", val_path), ("test", test_path)):
+        if name not in sets and where is not None:
+            folder = _folder(where, f"data.{name}_path")
+            held = _held_out_samples(folder, f"data.{name}_path", layout, classes, root)
+            _check_images(layout, held, crop, reference)
+            sets[name] = (held, folder, f"{name}_path")
+    val, val_root, split = sets["val"]
+    test, test_root, test_split = sets.get("test", (None, None, None))
 
     paired = layout == "paired"
     metadata = {
@@ -74,13 +88,14 @@ def image_folder(seed, path, val_path=None, val_ratio=0.1, crop=None, flip=False
         "target_dtype": "float32" if paired else "int64",
         "num_train": len(train),
         "num_val": len(val),
-        "num_test": 0,  # no test split
+        "num_test": len(test) if test else 0,
         "data_range": _data_range(reference[1], train, data_range) if paired else None,
         "normalization": None,  # per-channel statistics would need every image decoded at build
         "source": {
             "path": str(root),
             "val_path": str(val_root) if val_root else None,
             "split": split,
+            **({"test_path": str(test_root) if test_root else None, "test_split": test_split} if test else {}),
             "layout": "inputs/targets" if paired else "class folders",
             "stored": {"inputs": reference[0].dtype, **({"targets": reference[1].dtype} if paired else {})},
             "crop": crop,
@@ -91,6 +106,7 @@ def image_folder(seed, path, val_path=None, val_ratio=0.1, crop=None, flip=False
         train=ImageFolderDataset(train, paired, PairAugment(seed, crop, flip, train=True)),
         val=ImageFolderDataset(val, paired, PairAugment(seed, crop, flip, train=False)),
         metadata=metadata,
+        test=ImageFolderDataset(test, paired, PairAugment(seed, crop, flip, train=False)) if test else None,
     )
 
 
@@ -193,34 +209,23 @@ def _pairs(root):
     return [(inputs[stem], targets[stem]) for stem in sorted(inputs)]
 
 
-def _validation_samples(val_root, layout, classes, root):
-    """The samples at data.val_path, laid out like data.path; class labels are those of data.path's classes."""
-    val_layout, samples, val_classes = _read_layout(val_root, "data.val_path")
-    if val_layout != layout:
-        what = {"paired": "`inputs/` and `targets/` folders", "classes": "class folders"}
-        raise UserError(f"data.val_path `{val_root}` holds {what[val_layout]} but data.path `{root}` holds "
-                        f"{what[layout]}; lay the validation data out like the training data")
+def _held_out_samples(folder, field, layout, classes, root):
+    """The samples at data.val_path or data.test_path (`field`), laid out like data.path; class labels are those
+    of data.path's classes."""
+    held_layout, samples, held_classes = _read_layout(folder, field)
+    what = "validation" if field == "data.val_path" else "test"
+    if held_layout != layout:
+        kinds = {"paired": "`inputs/` and `targets/` folders", "classes": "class folders"}
+        raise UserError(f"{field} `{folder}` holds {kinds[held_layout]} but data.path `{root}` holds "
+                        f"{kinds[layout]}; lay the {what} data out like the training data")
     if layout == "paired":
         return samples
-    unknown = [name for name in val_classes if name not in classes]
+    unknown = [name for name in held_classes if name not in classes]
     if unknown:
-        raise UserError(f"data.val_path `{val_root}` has class folder(s) {', '.join(unknown)} that data.path "
-                        f"`{root}` lacks (its classes: {', '.join(classes)}); validation classes must be training "
+        raise UserError(f"{field} `{folder}` has class folder(s) {', '.join(unknown)} that data.path "
+                        f"`{root}` lacks (its classes: {', '.join(classes)}); {what} classes must be training "
                         "classes: rename or remove those folders")
-    return [(file, classes.index(val_classes[label])) for file, label in samples]
-
-
-def _split(samples, val_ratio, seed, path):
-    """A shuffled train/val split fixed by the seed; each side keeps the listing's order."""
-    total = len(samples)
-    num_val = round(total * val_ratio)
-    if num_val == 0 or num_val == total:
-        empty = "validation" if num_val == 0 else "training"
-        raise UserError(f"splitting the {total} samples at `{path}` with data.val_ratio={val_ratio} leaves the "
-                        f"{empty} set empty; choose a val_ratio that keeps at least one sample on each side, or "
-                        "set data.val_path")
-    order = torch.randperm(total, generator=seeded_generator(seed, "image_folder/split")).tolist()
-    return [samples[i] for i in sorted(order[num_val:])], [samples[i] for i in sorted(order[:num_val])]
+    return [(file, classes.index(held_classes[label])) for file, label in samples]
 
 
 # ---------------------------------------------------------------- checks of the files
@@ -268,21 +273,15 @@ def _check_folder(files, crop, reference=None):
     return headers
 
 
-def _check_options(val_path, val_ratio, crop, flip, data_range):
+def _option_problems(crop, flip, data_range):
     problems = []
-    if val_path is None:
-        is_number = isinstance(val_ratio, (int, float)) and not isinstance(val_ratio, bool)
-        if not is_number or not 0 < val_ratio < 1:
-            problems.append(f"data.val_ratio must be a number strictly between 0 and 1 when data.val_path is not "
-                            f"set, got {val_ratio!r}; e.g. val_ratio: 0.1 holds out 10% of the images")
     if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < 1):
         problems.append(f"data.crop must be a whole number of pixels >= 1 (or null for whole images), got {crop!r}")
     if not isinstance(flip, bool):
         problems.append(f"data.flip must be true or false, got {flip!r}")
     if data_range is not None and not _is_range(data_range):
         problems.append(f"data.data_range must be [low, high] with low < high, got {data_range!r}")
-    if problems:
-        raise UserError("; ".join(problems))
+    return problems
 
 
 def _is_range(value):
