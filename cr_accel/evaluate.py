@@ -3,8 +3,9 @@
 Scores a trained run's checkpoint on its validation or test split -- or on other data, through overrides of the
 run's config (`data.val_path=other.npz`) -- with the run's loss and metrics, exactly as validation computes them
 (`validation.score`, the validation's batch size): the `val_*` numbers of a checkpoint equal the `val_*` row of
-metrics.csv for the epoch it was saved at. The model is the checkpoint's, as `cr_accel.load_model` gives it (EMA
-weights where the run keeps an EMA); the loss and metrics measure against the data range the run recorded.
+metrics.csv for the epoch it was saved at (in a run with `stages`, with the loss of the checkpoint's stage). The
+model is the checkpoint's, as `cr_accel.load_model` gives it (EMA weights where the run keeps an EMA); the loss
+and metrics measure against the data range the run recorded.
 
 Prints the metrics as one JSON object on stdout and writes them, with the checkpoint and its step, to
 `RUN_DIR/eval_<split>_<checkpoint>.json`. Under `accelerate launch` every process scores its share of the set,
@@ -109,7 +110,7 @@ def score_checkpoint(cfg: Any, path: Path, split: str) -> dict[str, float] | Non
     # The data range psnr/ssim measured against during training (tensor_files' is the training targets' own).
     metadata = parts.get("dataset") or data.metadata
     acc = Accelerator(mixed_precision=pick_precision(cfg.resolved_mixed_precision))
-    loss_fn = components.build_loss(cfg, metadata).to(acc.device)
+    loss_fn = components.build_loss(loss_config(cfg, parts), metadata).to(acc.device)
     metric_fns = components.build_metrics(cfg, metadata)
     chosen = (parts.get("auto_batch_size") or {}).get("micro_batch_size")  # training.auto_batch_size's choice
     progress = Progress(enabled=acc.is_local_main_process)
@@ -118,6 +119,19 @@ def score_checkpoint(cfg: Any, path: Path, split: str) -> dict[str, float] | Non
                           lambda batches: progress.validation(batches, desc=f"evaluate {split}"))
     acc.wait_for_everyone()
     return metrics if acc.is_main_process else None
+
+
+def loss_config(cfg: Any, parts: dict[str, Any]) -> Any:
+    """The config whose `loss` the checkpoint's validations used: in a run with `stages`, that of the stage the
+    checkpoint was in (the trainer enters a stage right after the step that ends the one before, so every
+    validation after that step, and the checkpoint, belong to it); else the run's own."""
+    from . import components, stages
+
+    current = (parts.get("stages") or {}).get("current_stage")
+    listed = stages.parse(cfg.stages) if cfg.stages else []
+    if current is None or not 0 <= current < len(listed):
+        return cfg
+    return components.stage_config(cfg, listed[current])
 
 
 def one_line(exc: UserError) -> str:

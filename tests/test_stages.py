@@ -70,6 +70,11 @@ def test_a_frozen_encoder_stage_then_everything(tmp_path):
         ("1", "frozen_encoder", "0"), ("2", "everything", "1"), ("3", "everything", "1")]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "stage 2/2 `everything` from step 6: 8 optimizer steps, lr 0.0005" in log
+    # `cr-accel evaluate` scores the last checkpoint with stage 2's loss (mse + 0.5 l1), as its validation did.
+    from cr_accel.evaluate import evaluate
+
+    assert evaluate(str(tmp_path / "run"), "last", "val")["val_loss"] == pytest.approx(float(epochs[-1]["val_loss"]),
+                                                                                    rel=1e-6)
 
 
 @pytest.fixture(scope="module")
