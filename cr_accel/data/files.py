@@ -1,7 +1,7 @@
 """tensor_files: the user's own tensors in .safetensors, .npy, .npz or .pt files.
 
 `.safetensors` files and folders of `.npy` pairs stay on disk: their headers are read at build and one sample is
-read per `__getitem__` (see `tensor_store`). `.npz` (often compressed, so it cannot be mapped) and `.pt` files
+read per `__getitem__` (see `tensor_store`). `.npz` (often compressed, so not readable by row) and `.pt` files
 are loaded whole, as before.
 """
 
@@ -17,7 +17,7 @@ from cr_accel.errors import UserError
 
 from . import DATASETS, DatasetSplits
 from .splits import check_ratios, split_indices
-from .tensor_store import InMemoryColumn, TensorStore, check_keys, dtype_name, map_npy, map_safetensors
+from .tensor_store import InMemoryColumn, TensorStore, check_keys, dtype_name, open_npy, open_safetensors
 
 SUPPORTED_SUFFIXES = (".npz", ".safetensors", ".pt")
 _SUPPORTED_TEXT = ".npz, .safetensors or .pt"
@@ -40,8 +40,8 @@ def tensor_files(seed, path, val_path=None, val_ratio=0.1, input_key="inputs", t
     `numpy.savez("train.npz", inputs=x, targets=y)`. Tensors keep their stored dtype.
 
     `.safetensors` and `.npy` data stays on disk: the files' headers are read when the dataset is built and
-    each sample is read from a memory map of its file when it is needed (in the DataLoader's workers), so the
-    data may be larger than memory. `.npz` (compressed archives cannot be mapped) and `.pt` files are loaded
+    each sample is read from its file when it is needed (in the DataLoader's workers), so the data may be
+    larger than memory. `.npz` (compressed archives cannot be read by row) and `.pt` files are loaded
     whole. The metadata is computed in passes over chunks of samples, in bounded memory.
 
     The metadata records the task ("classification" for 1-D integer targets, "reconstruction" for
@@ -109,8 +109,8 @@ def tensor_files(seed, path, val_path=None, val_ratio=0.1, input_key="inputs", t
 
 
 def _dataset(store):
-    """The store itself where a file is mapped; data that is all in memory anyway as a TensorDataset."""
-    return store if store.mapped else TensorDataset(*store.tensors)
+    """The store itself where a file is read in place; data that is all in memory anyway as a TensorDataset."""
+    return store if store.on_disk else TensorDataset(*store.tensors)
 
 
 def _list_files(path, field, keys):
@@ -176,9 +176,9 @@ def _open_file(file, keys):
     try:
         if file.is_dir():
             check_keys(file, keys, sorted(f.stem for f in file.glob("*.npy")), DATA_KEYS)
-            x, y = (map_npy(file / f"{key}.npy", key) for key in keys)
+            x, y = (open_npy(file / f"{key}.npy", key) for key in keys)
         elif file.suffix.lower() == ".safetensors":
-            x, y = map_safetensors(file, keys, DATA_KEYS)
+            x, y = open_safetensors(file, keys, DATA_KEYS)
         else:
             tensors = _read_tensors(file, keys)
             for key, tensor in zip(keys, tensors):
