@@ -5,6 +5,7 @@ read per `__getitem__` (see `tensor_store`). `.npz` (often compressed, so not re
 are loaded whole, as before.
 """
 
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -22,7 +23,12 @@ from .tensor_store import InMemoryColumn, TensorStore, check_keys, dtype_name, o
 SUPPORTED_SUFFIXES = (".npz", ".safetensors", ".pt")
 _SUPPORTED_TEXT = ".npz, .safetensors or .pt"
 DATA_KEYS = ("data.input_key", "data.target_key")  # the settings that name the tensors, for messages
-STATS_CHUNK = 1024  # samples per step of the metadata passes (the chunking fixes the float sums' order)
+# The metadata passes read STATS_CHUNK samples at a time, fewer where that would be more than STATS_BYTES (the
+# float64 copy and the temporaries of the std pass take ~8x the chunk). The chunking fixes the order of the float
+# sums: data of samples up to 16 KB gets the values it got when it was loaded whole; larger samples may differ
+# from those in the last bits of the mean and std.
+STATS_CHUNK = 1024
+STATS_BYTES = 16 * 2**20
 
 
 @DATASETS.register("tensor_files")
@@ -294,27 +300,28 @@ def _describe_task(train, held_out):
     over the targets, in chunks."""
     inputs, targets = train.parts[0]
     integer = not (targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool)
+    size = _chunk(targets)
     if integer and targets.shape == ():
-        maxima = [int(t.max()) for store in (train, *held_out) for _, t in store.chunks(STATS_CHUNK, (1,))]
+        maxima = [int(t.max()) for store in (train, *held_out) for _, t in store.chunks(size, (1,))]
         return {"task": "classification", "num_classes": max(maxima, default=0) + 1, "data_range": None}
     floating = targets.dtype.is_floating_point
     task = "reconstruction" if targets.shape == inputs.shape and floating else "regression"
     if not floating:
         return {"task": task, "data_range": None}
-    bounds = [torch.stack([t.min(), t.max()]) for _, t in train.chunks(STATS_CHUNK, (1,))]
+    bounds = [torch.stack([t.min(), t.max()]) for _, t in train.chunks(size, (1,))]
     low, high = torch.stack(bounds).unbind(1)
     return {"task": task, "data_range": [float(low.min()), float(high.max())]}
 
 
 def _channel_stats(train):
     """Population mean and std per channel (dim 1 of the data, 0 of a sample) over the training inputs,
-    in float64, in two passes over chunks of STATS_CHUNK samples (the sums are those of the whole tensor cut
-    into the same chunks, so the values do not depend on how the data is stored)."""
+    in float64, in two passes over chunks (see STATS_BYTES; the values do not depend on how the data is stored
+    or split into files)."""
     if train.parts[0][0].dtype.is_complex:
         return None
 
     def views():
-        for x, _ in train.chunks(STATS_CHUNK, (0,)):
+        for x, _ in train.chunks(_chunk(train.parts[0][0]), (0,)):
             yield (x.reshape(len(x), 1, 1) if x.ndim == 1 else x.reshape(len(x), x.shape[1], -1)).double()
 
     first = next(views())
@@ -323,6 +330,11 @@ def _channel_stats(train):
     squares = sum(((view - mean.view(1, -1, 1)) ** 2).sum(dim=(0, 2)) for view in views())
     std = torch.sqrt(squares / count)
     return {"mean": mean.tolist(), "std": std.tolist(), "channel_dim": 0 if train.parts[0][0].shape else None}
+
+
+def _chunk(column):
+    """Samples per step of a metadata pass over `column`."""
+    return max(1, min(STATS_CHUNK, STATS_BYTES // max(1, column.dtype.itemsize * math.prod(column.shape))))
 
 
 def _first_line(exc):
