@@ -222,3 +222,17 @@ def test_building_on_a_200_mb_file_keeps_memory_far_below_its_size(tmp_path):
     report = json.loads(done.stdout)
     assert report["grew_mb"] < 80, report  # the inputs alone are 205 MB; measured: ~30 MB (chunk buffers, allocator)
     assert len(report["mean"]) == width and all(abs(m - 0.5) < 0.01 for m in report["mean"])
+
+
+def test_large_samples_take_smaller_chunks_and_keep_the_statistics(tmp_path):
+    # 32 KB a sample: the metadata passes take 512 samples at a time (STATS_BYTES), so the float64 sums may
+    # differ from those of the whole tensor in the last bits; everything else is exact
+    inputs = torch.rand(600, 2, 64, 64, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 3.0]).view(
+        1, 2, 1, 1)
+    targets = inputs[:, :1, :2, :2] - 2
+    splits = tensor_files(seed=0, path=str(_write(tmp_path / "d.safetensors", inputs, targets)), val_ratio=0.1)
+    train_inputs, train_targets = splits.train.tensors
+    stats = splits.metadata["normalization"]
+    assert stats["mean"] == pytest.approx(train_inputs.double().mean(dim=(0, 2, 3)).tolist(), rel=1e-12)
+    assert stats["std"] == pytest.approx(train_inputs.double().std(dim=(0, 2, 3), correction=0).tolist(), rel=1e-12)
+    assert splits.metadata["data_range"] == [float(train_targets.min()), float(train_targets.max())]
