@@ -91,8 +91,8 @@ def main():
     print(f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; Python {platform.python_version()}\n")
     print("| file | samples | write s | build s | epoch s | peak RSS after imports | after build | after epoch "
-          "| workers |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| workers | num_train, data_range |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     try:
         for size in (float(s) for s in args.sizes_gb.split(",")):
             path = root / f"data_{size:g}gb.safetensors"
@@ -106,7 +106,8 @@ def main():
             r = json.loads(done.stdout)
             print(f"| {path.stat().st_size / 1e9:.2f} GB | {count} | {written:.0f} | {r['build_s']:.1f} | "
                   f"{r['epoch_s']:.1f} | {r['after_imports_mb']:.0f} MB | {r['after_build_mb']:.0f} MB | "
-                  f"{r['after_epoch_mb']:.0f} MB | {r['workers_mb']:.0f} MB |", flush=True)
+                  f"{r['after_epoch_mb']:.0f} MB | {r['workers_mb']:.0f} MB | {r['num_train']}, "
+                  f"[{r['data_range'][0]:.4f}, {r['data_range'][1]:.4f}] |", flush=True)
             path.unlink()
     finally:
         shutil.rmtree(root, ignore_errors=True)
