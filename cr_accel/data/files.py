@@ -170,8 +170,9 @@ def _open_files(files, keys, reference):
             if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
                 raise UserError(
                     f"`{file}` has {what} (`{key}`) with per-sample shape {ours.shape} and dtype "
-                    f"{dtype_name(ours.dtype)}, but `{reference[0]}` has {theirs.shape} and {dtype_name(theirs.dtype)}; "
-                    "all files (training and validation) must hold samples of the same shape and dtype"
+                    f"{dtype_name(ours.dtype)}, but `{reference[0]}` has {theirs.shape} and "
+                    f"{dtype_name(theirs.dtype)}; all files (training and validation) must hold samples of the same "
+                    "shape and dtype"
                 )
         parts.append((x, y))
     return TensorStore(parts)
@@ -317,19 +318,19 @@ def _channel_stats(train):
     """Population mean and std per channel (dim 1 of the data, 0 of a sample) over the training inputs,
     in float64, in two passes over chunks (see STATS_BYTES; the values do not depend on how the data is stored
     or split into files)."""
-    if train.parts[0][0].dtype.is_complex:
+    inputs = train.parts[0][0]
+    if inputs.dtype.is_complex:
         return None
 
     def views():
-        for x, _ in train.chunks(_chunk(train.parts[0][0]), (0,)):
+        for x, _ in train.chunks(_chunk(inputs), (0,)):
             yield (x.reshape(len(x), 1, 1) if x.ndim == 1 else x.reshape(len(x), x.shape[1], -1)).double()
 
-    first = next(views())
-    count = len(train) * first.shape[2]
+    count = len(train) * math.prod(inputs.shape[1:])  # values per channel
     mean = sum(view.sum(dim=(0, 2)) for view in views()) / count
     squares = sum(((view - mean.view(1, -1, 1)) ** 2).sum(dim=(0, 2)) for view in views())
     std = torch.sqrt(squares / count)
-    return {"mean": mean.tolist(), "std": std.tolist(), "channel_dim": 0 if train.parts[0][0].shape else None}
+    return {"mean": mean.tolist(), "std": std.tolist(), "channel_dim": 0 if inputs.shape else None}
 
 
 def _chunk(column):

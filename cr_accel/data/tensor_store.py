@@ -6,8 +6,9 @@ and never pickled, so DataLoader workers open their own); passes over the whole 
 the metadata) read blocks of rows the same way.
 
 Why not through a memory map: the file pages a map touches stay mapped in the process and count in its resident
-memory, and the kernel maps large folios around each fault. Measured on ext4 (Linux 6.18): 200 single rows read through a map spread over a 205 MB file raised peak RSS by 190 MB, where
-`preadv` adds nothing but the rows (the pages still go through the page cache, shared and reclaimable).
+memory, and the kernel maps large folios around each fault. Measured on ext4 (Linux 6.18): 200 single rows read
+through a map spread over a 205 MB file raised peak RSS by 190 MB, where `preadv` adds nothing but the rows (the
+pages still go through the page cache, shared and reclaimable). See docs/benchmarks.md, "tensor_files memory".
 
 Files that cannot be read by row (`.npz`, often compressed, and `.pt`) are parts held in memory
 (`InMemoryColumn`), so a folder may mix them with files read in place.
