@@ -236,3 +236,11 @@ def test_large_samples_take_smaller_chunks_and_keep_the_statistics(tmp_path):
     assert stats["mean"] == pytest.approx(train_inputs.double().mean(dim=(0, 2, 3)).tolist(), rel=1e-12)
     assert stats["std"] == pytest.approx(train_inputs.double().std(dim=(0, 2, 3), correction=0).tolist(), rel=1e-12)
     assert splits.metadata["data_range"] == [float(train_targets.min()), float(train_targets.max())]
+
+
+def test_a_spawned_worker_opens_the_files_itself(tmp_path):
+    # spawn pickles the dataset into the worker (fork would copy it): the parent's open file must not travel
+    splits = tensor_files(seed=0, path=str(_write(tmp_path / "d.safetensors", *_samples(12))), val_ratio=0.25)
+    splits.train[0]
+    loader = DataLoader(splits.train, batch_size=4, num_workers=1, multiprocessing_context="spawn")
+    assert torch.equal(torch.cat([x for x, _ in loader]), splits.train.tensors[0])
