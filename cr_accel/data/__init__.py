@@ -9,9 +9,11 @@ JSON-serialisable `metadata` dict that the trainer writes into the run folder an
 Two rules hold for every builder here:
 - Randomness comes only from `torch.Generator`s derived from `seed`, never from the global RNGs, so that
   building a dataset cannot shift the RNG state a resumed run depends on.
-- `synthetic_cr` and `tensor_files` load or generate everything at construction (`__getitem__` is tensor
-  indexing); `image_folder` lists and checks its files there and decodes each image in `__getitem__` (in the
-  DataLoader's workers), its augmentation drawn from (seed, epoch, index) only.
+- `synthetic_cr` generates everything at construction, and `tensor_files` loads `.npz` and `.pt` files whole
+  (`__getitem__` is tensor indexing); `tensor_files` reads only the headers of `.safetensors` and `.npy` files
+  there and one sample per `__getitem__` (see `tensor_store`); `image_folder` lists and checks its files there
+  and decodes each image in `__getitem__` (in the DataLoader's workers), its augmentation drawn from
+  (seed, epoch, index) only.
 
 Metadata keys shared by all builders: `dataset`, `task`, `input_shape`, `target_shape` (per sample),
 `input_dtype`, `target_dtype`, `num_train`, `num_val`, `num_test` (0 without a test split), `data_range` (`[low, high]` of the targets, or
