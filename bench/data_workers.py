@@ -2,6 +2,7 @@
 pre-decoded into memory (tensor_files), trained by the real Trainer.
 
     python bench/data_workers.py [--rounds 5] [--images 1536] [--size 64] [--hidden 96] [--epochs 5] [--quick]
+    python bench/data_workers.py --loader-only [--rounds 5]
 
 The bench writes RGB PNGs into class folders in a temporary folder (train and val), decodes them once with
 image_folder's own dataset into a .safetensors file per split, so both sides hold the same samples in the
@@ -17,6 +18,9 @@ training step on it (the bench measures both, in one process, and prints them). 
 each round; a run's speed is the median samples/s (metrics.csv) of its epochs after the first (worker start-up)
 and before the last (validation); ratios are taken within a round and their median reported. Every run:
 OMP_NUM_THREADS=1 and the MALLOC_* thresholds of bench/overhead.py.
+
+`--loader-only`: no training; samples/s of iterating a DataLoader over the same image_folder dataset (2 epochs
+after a warm-up one) with 0 workers and with 2 persistent ones, alternating: what the workers can decode.
 """
 
 import argparse
@@ -58,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32, help="data.batch_size (default 32)")
     p.add_argument("--epochs", type=int, default=5, help="epochs per run, >= 3 (default 5)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 256 images, 3 epochs")
+    p.add_argument("--loader-only", action="store_true", help="time the DataLoader alone, with 0 and 2 workers")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.images, args.epochs = 1, 256, 3
@@ -189,6 +194,8 @@ def main(argv=None):
         data_dir = tmp / "data"
         write_pngs(data_dir / "train", args.images, args.size, seed=1)
         write_pngs(data_dir / "val", VAL_IMAGES, args.size, seed=2)
+        if args.loader_only:
+            return loader_only(data_dir, args)
         shape = pre_decode(data_dir)
         config = tmp / "config.yaml"
         write_config(config, data_dir, shape, args)
@@ -203,6 +210,33 @@ def main(argv=None):
             print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1][0]:.0f}/s (others {v[-1][1]:.2f} cores)"
                                                  for n, v in runs.items()), flush=True)
     report(runs, args)
+
+
+def loader_only(data_dir, args):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from cr_accel.data.images import image_folder
+
+    torch.set_num_threads(1)
+    dataset = image_folder(0, data_dir / "train", val_path=data_dir / "val").train
+    speeds = {0: [], 2: []}
+    for _ in range(args.rounds):
+        for workers in speeds:
+            options = {"num_workers": workers, "persistent_workers": workers > 0}
+            loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, **options)
+            for _ in loader:  # warm-up epoch: the workers start
+                pass
+            started, count = time.perf_counter(), 0
+            for _ in range(2):
+                for inputs, _ in loader:
+                    count += len(inputs)
+            speeds[workers].append(count / (time.perf_counter() - started))
+            del loader
+    for workers, values in speeds.items():
+        print(f"num_workers {workers}: {statistics.median(values):.0f} samples/s (median of {args.rounds}; "
+              f"{', '.join(f'{v:.0f}' for v in values)})")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs")
 
 
 def report(runs, args):
