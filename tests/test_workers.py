@@ -52,3 +52,14 @@ def test_mid_epoch_resume_with_persistent_workers_is_exact(run, config, tmp_path
         none = _run(run, config, tmp_path / "w0", "data.num_workers=0")
         assert none.returncode == 0, none.stderr[-3000:]
         _same_run(tmp_path / "s", tmp_path / "w0")
+
+
+@pytest.mark.parametrize("pin_memory, expected", [(None, False), (True, True), (False, False)])
+def test_pinned_batches_are_copied_without_blocking(pin_memory, expected):
+    """On CPU a null pin_memory is off; asked for, pinned batches reach the device with non_blocking copies."""
+    from cr_accel.config import config_from_dict
+    from cr_accel.environment import make_accelerator
+
+    cfg = config_from_dict({"data": {"pin_memory": pin_memory}, "dashboard": {"enabled": False}},
+                           check_components=False)
+    assert make_accelerator(cfg).dataloader_config.non_blocking is expected
