@@ -6,7 +6,8 @@ which process loads a sample."""
 import pytest
 
 from cr_accel.preemption import PREEMPTED_EXIT_CODE
-from tests.runners import PROBE, assert_same_weights, launch_2_cpu_processes, metric_rows, run_1_process, small_config_file
+from tests.runners import (PROBE, assert_same_weights, launch_2_cpu_processes, metric_rows, run_1_process,
+                           small_config_file)
 
 WORKERS = ("data.num_workers=2", "data.persistent_workers=true")
 
