@@ -42,8 +42,11 @@ class DataConfig:
     name: str = "synthetic_cr"
     batch_size: int = 32
     val_batch_size: Optional[int] = None  # None: same as batch_size
-    num_workers: int = 0
-    pin_memory: bool = False
+    num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    persistent_workers: bool = False  # keep the workers between epochs (only with num_workers > 0)
+    prefetch_factor: Optional[int] = None  # batches each worker loads ahead; None: torch's (2); only with workers
+    # page-locked host batches, copied to the device without blocking: None = on when the device is CUDA
+    pin_memory: Optional[bool] = None
     # more validation sets: {name: {builder keys that differ from this section's}}; metrics val/<name>/<metric>
     val_sets: dict = field(default_factory=dict)
     kwargs: dict = field(default_factory=dict)
@@ -466,6 +469,13 @@ def check_values(cfg: Config) -> list[tuple[str, str]]:
         ("data.batch_size", d.batch_size >= 1, f"must be >= 1, got {d.batch_size}"),
         ("data.val_batch_size", d.val_batch_size is None or d.val_batch_size >= 1, f"must be >= 1, got {d.val_batch_size}"),
         ("data.num_workers", d.num_workers >= 0, f"must be >= 0, got {d.num_workers}"),
+        ("data.persistent_workers", not d.persistent_workers or d.num_workers > 0,
+         f"needs data.num_workers > 0 (there are no workers to keep), got num_workers {d.num_workers}"),
+        ("data.prefetch_factor", d.prefetch_factor is None or d.num_workers > 0,
+         f"needs data.num_workers > 0 (only workers load ahead), got num_workers {d.num_workers}; "
+         "leave it null without workers"),
+        ("data.prefetch_factor", d.prefetch_factor is None or d.prefetch_factor >= 1,
+         f"must be >= 1 or null (torch's default), got {d.prefetch_factor}"),
         ("checkpoint.save_every", c.save_every >= 1, f"must be >= 1, got {c.save_every}"),
         ("checkpoint.save_every_steps", c.save_every_steps is None or c.save_every_steps >= 1,
          f"must be >= 1 or null, got {c.save_every_steps}"),

@@ -20,6 +20,8 @@ HARMLESS = {
     "dashboard.*": "reporting to the live dashboard only",
     "training.log_every": "how often progress lines are printed and losses leave the device; the values are the same",
     "data.num_workers": "how many processes load batches; the sampler (in the main process) picks the same indices",
+    "data.persistent_workers": "whether the workers are kept between epochs; they load the same samples",
+    "data.prefetch_factor": "how many batches each worker loads ahead; the same batches, sooner or later",
     "data.pin_memory": "where loaded batches are staged in host memory",
     "data.val_batch_size": "validation means are weighted by the samples of each batch, so they are the same "
                            "(up to floating-point summation order)",

@@ -32,7 +32,9 @@ def pick_precision(requested):
 
 
 def make_accelerator(cfg):
-    return Accelerator(
+    from .validation import pins_memory
+
+    acc = Accelerator(
         log_with=list(cfg.output.trackers) or None,  # accelerate creates them on the main process only
         project_dir=str(Path(cfg.output.dir) / "trackers"),  # where TensorBoard & co. write
         mixed_precision=pick_precision(cfg.resolved_mixed_precision),
@@ -41,6 +43,10 @@ def make_accelerator(cfg):
         # A seedable sampler makes the shuffle a function of (seed, epoch): the recipe for exact resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    # Batches from pinned memory are copied to the device without blocking, so the copy overlaps the step
+    # (the prepared loaders read this when they are made). Pinning needs the device, known only now.
+    acc.dataloader_config.non_blocking = pins_memory(cfg.data, acc.device)
+    return acc
 
 
 def describe_environment(accelerator):

@@ -115,7 +115,7 @@ def score_checkpoint(cfg: Any, path: Path, split: str) -> dict[str, float] | Non
     chosen = (parts.get("auto_batch_size") or {}).get("micro_batch_size")  # training.auto_batch_size's choice
     progress = Progress(enabled=acc.is_local_main_process)
     model = load_model(path, device=acc.device)
-    metrics = score_model(acc, model, eval_loader(cfg.data, dataset, chosen), loss_fn, metric_fns, split,
+    metrics = score_model(acc, model, eval_loader(cfg.data, dataset, chosen, acc.device), loss_fn, metric_fns, split,
                           lambda batches: progress.validation(batches, desc=f"evaluate {split}"))
     acc.wait_for_everyone()
     return metrics if acc.is_main_process else None

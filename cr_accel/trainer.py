@@ -32,7 +32,7 @@ from .resume import ResumeMixin
 from .losses import loss_and_terms
 from .run_log import TextLog
 from .saving import SavingMixin
-from .validation import ValidationMixin, eval_loader, renamed_for_set
+from .validation import ValidationMixin, eval_loader, loader_options, renamed_for_set
 from .sinks import RunStart, Sinks, build_sinks
 from .state import StateRegistry, TrainState
 from .step_stats import EpochStatsState, StepStats
@@ -232,11 +232,14 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         d = self.cfg.data
         # The loader's own generator keeps iterator creation from drawing on the global RNG (which
         # would shift dropout masks); with the seedable sampler the shuffle depends on (seed, epoch) only.
-        return DataLoader(self.data.train, batch_size=batch_size, shuffle=True, num_workers=d.num_workers,
-                          pin_memory=d.pin_memory, generator=torch.Generator().manual_seed(self.cfg.seed))
+        # Workers change where __getitem__ runs, not what it returns: the sampler stays in this process and the
+        # datasets draw augmentation from (seed, epoch, index), so any num_workers gives the same batches.
+        return DataLoader(self.data.train, batch_size=batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(self.cfg.seed),
+                          **loader_options(d, self.accelerator.device))
 
     def _val_loader(self, dataset: Any, batch_size: int | None = None) -> DataLoader:
-        return eval_loader(self.cfg.data, dataset, batch_size)
+        return eval_loader(self.cfg.data, dataset, batch_size, self.accelerator.device)
 
     def eval_loader(self, dataset: Any) -> DataLoader:
         """An unprepared loader over `dataset` with the validation's batches (the test split's, say)."""

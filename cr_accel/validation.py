@@ -87,13 +87,32 @@ def score(acc: Accelerator, model: Any, loader: Any, loss_fn: Any, metric_fns: d
     return {name: v / max(count, 1) for name, v in zip(names, values)}, matrix
 
 
-def eval_loader(data_cfg: Any, dataset: Any, batch_size: int | None = None) -> DataLoader:
+def pins_memory(data_cfg: Any, device: torch.device | None) -> bool:
+    """`data.pin_memory` as given, else (null) on when batches go to a CUDA device: page-locked host memory is
+    what lets the host-to-device copy run without blocking (the accelerator's `non_blocking`)."""
+    if data_cfg.pin_memory is not None:
+        return bool(data_cfg.pin_memory)
+    return device is not None and device.type == "cuda"
+
+
+def loader_options(data_cfg: Any, device: torch.device | None) -> dict[str, Any]:
+    """The DataLoader keywords `data.*` sets, for every loader of a run. The worker keys only go with workers
+    (torch refuses them without); the config check says so before anything is built."""
+    d = data_cfg
+    options: dict[str, Any] = {"num_workers": d.num_workers, "pin_memory": pins_memory(d, device)}
+    if d.num_workers > 0:
+        options.update(persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor)
+    return options
+
+
+def eval_loader(data_cfg: Any, dataset: Any, batch_size: int | None = None,
+                device: torch.device | None = None) -> DataLoader:
     """The (unprepared) loader validation reads a set with: in order, `data.val_batch_size` samples per process,
     else `batch_size` (the training micro-batch), else `data.batch_size`. The same batches give the same sums,
-    so every scorer of a set builds its loader here."""
+    so every scorer of a set builds its loader here. `device`: where the batches go (decides a null pin_memory)."""
     d = data_cfg
     return DataLoader(dataset, batch_size=d.val_batch_size or batch_size or d.batch_size, shuffle=False,
-                      num_workers=d.num_workers, pin_memory=d.pin_memory)
+                      **loader_options(d, device))
 
 
 def renamed_for_split(metrics: dict[str, float], split: str) -> dict[str, float]:

@@ -277,6 +277,38 @@ def test_quoted_1e_3_is_refused_as_string(tmp_path, monkeypatch):
         load_config(path)
 
 
+
+@pytest.mark.parametrize("data, pattern", [
+    ({"persistent_workers": True}, r"`data\.persistent_workers`: needs data\.num_workers > 0 .*got num_workers 0"),
+    ({"prefetch_factor": 4}, r"`data\.prefetch_factor`: needs data\.num_workers > 0 .*leave it null without workers"),
+    ({"num_workers": 2, "prefetch_factor": 0}, r"`data\.prefetch_factor`: must be >= 1 or null"),
+    ({"pin_memory": "yes"}, r"`data\.pin_memory` must be a boolean or null|`data\.pin_memory` must be"),
+], ids=["persistent_without_workers", "prefetch_without_workers", "prefetch_zero", "pin_memory_string"])
+def test_loader_keys_need_workers(data, pattern, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": data}))
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(path)
+
+
+def test_loader_keys_with_workers_resolve(tmp_path, monkeypatch):
+    from cr_accel.validation import loader_options
+
+    monkeypatch.chdir(REPO_ROOT)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"num_workers": 2, "persistent_workers": True, "prefetch_factor": 3}}))
+    d = load_config(path).data
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert loader_options(d, cpu) == {"num_workers": 2, "pin_memory": False, "persistent_workers": True,
+                                      "prefetch_factor": 3}
+    assert loader_options(d, cuda)["pin_memory"] is True  # null: on for CUDA
+    d.pin_memory = False
+    assert loader_options(d, cuda)["pin_memory"] is False  # as given
+    d.num_workers, d.persistent_workers, d.prefetch_factor = 0, False, None
+    assert loader_options(d, cpu) == {"num_workers": 0, "pin_memory": False}  # torch refuses worker keys without
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 4-6. Real runs: the resolved config and environment in the run folder; --overwrite; the console script.
 

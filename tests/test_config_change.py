@@ -82,7 +82,8 @@ def test_only_keys_that_change_the_run_count():
     then = base.to_dict()
     harmless = {"output": {"dir": "elsewhere", "log_file": "b.log", "trackers": ["tensorboard"]},
                 "dashboard": {"enabled": True, "url": "http://h:1"}, "training": {"log_every": 7, "compile": True},
-                "data": {"num_workers": 3, "pin_memory": True, "val_batch_size": 5},
+                "data": {"num_workers": 3, "persistent_workers": True, "prefetch_factor": 4, "pin_memory": True,
+                         "val_batch_size": 5},
                 "checkpoint": {"save_every": 2, "save_every_steps": 4, "keep_last_n": 1, "async_save": False}}
     changed = {"optimizer": {"lr": 0.002}, "model": {"dropout": 0.3},  # a builder kwarg the old config lacks
                "training": {"gradient_accumulation_steps": 1, "eval_every": 2}, "seed": 7}
