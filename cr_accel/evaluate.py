@@ -99,7 +99,7 @@ def score_checkpoint(cfg: Any, path: Path, split: str) -> dict[str, float] | Non
     from .environment import pick_precision
     from .progress import Progress
     from .scoring import score_model
-    from .validation import eval_loader
+    from .validation import eval_loader, pins_memory
 
     data = components.build_datasets(cfg)
     dataset = data.val if split == "val" else getattr(data, "test", None)
@@ -110,6 +110,7 @@ def score_checkpoint(cfg: Any, path: Path, split: str) -> dict[str, float] | Non
     # The data range psnr/ssim measured against during training (tensor_files' is the training targets' own).
     metadata = parts.get("dataset") or data.metadata
     acc = Accelerator(mixed_precision=pick_precision(cfg.resolved_mixed_precision))
+    acc.dataloader_config.non_blocking = pins_memory(cfg.data, acc.device)  # as training's loaders copy (pinned)
     loss_fn = components.build_loss(loss_config(cfg, parts), metadata).to(acc.device)
     metric_fns = components.build_metrics(cfg, metadata)
     chosen = (parts.get("auto_batch_size") or {}).get("micro_batch_size")  # training.auto_batch_size's choice
