@@ -34,18 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from ddp_throughput import BENCH_ENV  # one thread, fixed malloc thresholds, this checkout's cr_accel
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CLASSES = 8
 VAL_IMAGES = 64
-BENCH_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "MALLOC_MMAP_THRESHOLD_": "33554432",
-    "MALLOC_TRIM_THRESHOLD_": "1073741824",
-    "ACCELERATE_USE_CPU": "1",
-    "PYTHONPATH": str(ROOT),  # this checkout's cr_accel
-}
 VARIANTS = {
     "M": ("in-memory tensors (tensor_files)", []),
     "W0": ("image_folder, num_workers 0", ["data.num_workers=0"]),
