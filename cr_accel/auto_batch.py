@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from accelerate.utils import DistributedType
 
+from .data.normalize import normalized
 from .errors import CheckpointError, UserError
 from .losses import loss_and_terms
 from .memory import capacity_and_peak
@@ -145,7 +146,8 @@ def choose(trainer: Any) -> None:
                         "`training.auto_batch_size=false` and choose `data.batch_size` and "
                         "`training.gradient_accumulation_steps` by hand")
     b, a = trainer.cfg.data.batch_size, trainer.state.gradient_accumulation_steps
-    chosen, local = search(acc.unwrap_model(trainer.model), trainer.loss_fn, trainer.data.train, b, a, acc)
+    model = normalized(acc.unwrap_model(trainer.model), trainer.normalization)
+    chosen, local = search(model, trainer.loss_fn, trainer.data.train, b, a, acc)
     accumulation = a * b // chosen
     if chosen == b:
         trainer.auto_batch.micro_batch_size = b

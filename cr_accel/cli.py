@@ -67,7 +67,7 @@ def run_training(args: argparse.Namespace, callbacks: Iterable[Any] = ()) -> int
 
     try:
         trainer = Trainer(cfg, callbacks=callbacks)
-        trainer.preflight()  # before --overwrite removes anything: a run that cannot start keeps the earlier one
+        trainer.preflight(resume)  # before --overwrite removes anything: a run that cannot start keeps the earlier one
         _remove(earlier)
         status = trainer.train(resume_from_checkpoint=resume, allow_config_change=args.allow_config_change)
     except NonFiniteLossError as exc:

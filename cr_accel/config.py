@@ -13,7 +13,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -47,6 +47,9 @@ class DataConfig:
     prefetch_factor: Optional[int] = None  # batches each worker loads ahead; None: torch's (2); only with workers
     # page-locked host batches, copied to the device without blocking: None = on when the device is CUDA
     pin_memory: Optional[bool] = None
+    # inputs normalised by statistics of the training split kept in checkpoints: none, per_channel, minmax, or
+    # {mean, std}; see data/normalize.py
+    normalize: Union[str, dict, None] = None
     # more validation sets: {name: {builder keys that differ from this section's}}; metrics val/<name>/<metric>
     val_sets: dict = field(default_factory=dict)
     kwargs: dict = field(default_factory=dict)
@@ -417,7 +420,8 @@ def _check_type(key, value, annotation, problems):
 def _describe(annotation):
     if typing.get_origin(annotation) is Literal:
         return ", ".join(str(a) for a in typing.get_args(annotation))
-    return {bool: "true, false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
+    return {bool: "true, false", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping"}.get(annotation, str(annotation))
 
 
 def _suggest(key, section):
@@ -496,6 +500,7 @@ def check_values(cfg: Config) -> list[tuple[str, str]]:
             problems.append(("dashboard.url", url_problem.replace("dashboard url ", "")))
     problems += _check_trackers(cfg.output.trackers)
     problems += _check_val_sets(d.val_sets)
+    problems += _check_normalize(d.normalize)
     problems += _check_monitor(c.monitor, t.metrics, d.val_sets)
     problems += _check_metric_entries(t.metrics)
     return problems
@@ -541,6 +546,12 @@ def _check_metric_entries(metrics):
 # What an epoch record holds when the trainer compares `checkpoint.monitor` (right after validation),
 # besides a `val_<name>` per metric in `training.metrics`.
 MONITORABLE = ("val_loss", "train_loss", "grad_norm")
+
+
+def _check_normalize(value):
+    from .data.normalize import config_problems
+
+    return [("data.normalize", problem) for problem in config_problems(value)]
 
 
 def _check_val_sets(val_sets):

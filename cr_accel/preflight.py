@@ -31,6 +31,7 @@ from . import components
 from .building import build_part, describe_exception
 from .config import metric_entry
 from .data import DATASETS
+from .data.normalize import normalized
 from .errors import UserError
 from .losses import LOSSES, loss_and_terms
 from .models import MLP, MODELS, ConvAutoencoder
@@ -99,7 +100,7 @@ def run(trainer):
     acc = trainer.accelerator
     # Sharded engines gather their parameters in forward; everywhere else the plain module (no DDP hooks).
     sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    model = trainer.model if sharded else acc.unwrap_model(trainer.model)
+    model = normalized(trainer.model if sharded else acc.unwrap_model(trainer.model), trainer.normalization)
     check_batch(trainer.cfg, trainer.data, model, trainer.loss_fn, trainer.metric_fns, acc.device,
                 getattr(trainer, "val_sets", {}))
 

@@ -92,6 +92,20 @@ def candidates(checkpoints: Checkpoints, where: str | os.PathLike) -> list[tuple
     return checkpoints.newest_first()
 
 
+def saved_part(checkpoints: Checkpoints, where: str | os.PathLike | None, key: str) -> Any:
+    """The state part `key` of the checkpoint a resume from `where` would try first, or None: not resuming, no
+    checkpoint yet, or none readable (the resume itself then says why)."""
+    if where is None:
+        return None
+    for path, problem in candidates(checkpoints, where):
+        if problem is None:
+            try:
+                return store.read_state(path).get(key)
+            except CheckpointError:
+                continue
+    return None
+
+
 def load_accelerate_state(accelerator: Accelerator, path: Path) -> None:
     """accelerator.load_state, with every weights-only refusal or damaged file turned into CheckpointError."""
     load_refusing_pickles(accelerator.load_state, str(path))

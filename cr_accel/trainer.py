@@ -24,11 +24,13 @@ from .callbacks import Callback, CallbackList, Event, TrainingState, builtin_cal
 from .callbacks.checkpointing import CheckpointPolicy
 from .checkpoint.async_writer import BackgroundSave, why_synchronous
 from .config import Config
+from .data.normalize import Normalization
 from .environment import UNSHARDED_TYPES, describe_environment, make_accelerator
 from .models import count_parameters
 from .preemption import Preemption
 from .progress import Progress
-from .resume import ResumeMixin
+from .resume import ResumeMixin, saved_part
+from .rng import rng_kept
 from .losses import loss_and_terms
 from .run_log import TextLog
 from .saving import SavingMixin
@@ -73,6 +75,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
             self.add_callback(cb)
 
         self.data = components.build_datasets(cfg)
+        # data.normalize: its statistics are computed (or read from the checkpoint resumed) by `preflight`
+        self.normalization = Normalization.from_config(cfg.data.normalize, self.data.metadata)
         model = components.build_model(cfg)
         self.loss_fn = components.build_loss(cfg, self.data.metadata).to(acc.device)
         self._loss_cfg = cfg.loss  # the loss section self.loss_fn was built from (stages may change it)
@@ -146,6 +150,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         registry.register("callbacks", self.callbacks)
         registry.register("epoch_stats", EpochStatsState(self.stats, self.accelerator))
         registry.register("dataset", _Recorded(self.data.metadata))
+        registry.register("normalization", self.normalization)
         registry.register("auto_batch_size", self.auto_batch)
         return registry
 
@@ -287,6 +292,8 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self.text_log.info(f"model {self.cfg.model.name}: {count_parameters(self.accelerator.unwrap_model(self.model)):,} "
                       f"parameters | {len(self.data.train)} train / {len(self.data.val)} val samples | "
                       f"{self.steps_per_epoch} optimizer steps per epoch, {self.total_steps} in total")
+        if self.normalization.active:
+            self.text_log.info(f"inputs normalised ({self.normalization.summary()})")
         self.text_log.info("hyperparameters:\n" + self.config_yaml.rstrip(), console=False)
         if self.cfg.checkpoint.async_save and not self.async_save:
             self.text_log.info(f"checkpoints are saved synchronously: {why_synchronous(self.accelerator)}")
@@ -301,7 +308,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         `allow_config_change`: resume although the config differs from the checkpoint's in keys that change
         the run (the changes are logged); otherwise that is refused with a CheckpointError.
         """
-        self.preflight()
+        self.preflight(resume_from_checkpoint)
         self.checkpoints.recover()
         if resume_from_checkpoint is not None:
             self._resume(resume_from_checkpoint, allow_config_change)
@@ -325,14 +332,31 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
             self._finish(status)
         return status
 
-    def preflight(self) -> None:
+    def preflight(self, resume_from_checkpoint: str | os.PathLike | None = None) -> None:
         """One batch of each split through model, loss and metrics, before anything is written (once: `train`
-        runs it unless it ran already). Raises a UserError naming what does not fit."""
+        runs it unless it ran already). Raises a UserError naming what does not fit. First, `data.normalize`'s
+        statistics: those of the checkpoint `resume_from_checkpoint` (as `train` takes it) where it has them,
+        else a pass over the training split."""
         if not self._preflight_done:
+            self._ready_normalization(resume_from_checkpoint)
             phase = oom.Phase("the preflight (one batch, no gradients)", preflight.BATCH_SIZE)
             with oom.explained(phase, self.accelerator.device):
                 preflight.run(self)
             self._preflight_done = True
+
+    def _ready_normalization(self, resume_from_checkpoint: str | os.PathLike | None) -> None:
+        norm = self.normalization
+        if not norm.active:
+            return
+        if norm.needs_fit:
+            saved = saved_part(self.checkpoints, resume_from_checkpoint, "normalization")
+            if saved is None or not norm.adopt(saved):
+                d = self.cfg.data
+                options = {"num_workers": d.num_workers, **({"prefetch_factor": d.prefetch_factor} if d.num_workers else {})}
+                with rng_kept():  # a loader with workers draws their seed from the global RNG
+                    norm.fit(self.data.train, self.accelerator, d.val_batch_size or d.batch_size, options)
+        norm.check_channels(torch.as_tensor(self.data.train[0][0]))
+        self.data.metadata["normalize"] = norm.describe()
 
     def _run_epoch(self) -> dict[str, Any] | None:
         epoch, t = self.epoch, self.cfg.training
@@ -456,7 +480,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
 
     def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        loss, terms = loss_and_terms(self.loss_fn(self.model(inputs), targets))
+        loss, terms = loss_and_terms(self.loss_fn(self.normalization.run(self.model, inputs), targets))
         self.stats.add_loss(loss, self.global_step, terms)
         if self.plain_step:
             # What accelerator.backward does without a GradScaler, minus its per-call overhead.

@@ -3,6 +3,7 @@ test score at the end of training and `cr-accel evaluate` share it."""
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -13,6 +14,7 @@ from .losses import loss_and_terms
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from .data.normalize import Normalization
     from .progress import Progress
 
 
@@ -25,12 +27,14 @@ class ValidationMixin:
     metric_fns: dict[str, Any]
     progress: Progress
     last_confusion: torch.Tensor | None
+    normalization: Normalization
 
     def validate(self, confusion: bool = False, loader: Any = None) -> dict[str, float]:
         """`score` of the model on the validation set (or the prepared `loader`'s); with `confusion`
         (classification), the confusion matrix counts are kept in `self.last_confusion`."""
         self.model.eval()
-        metrics, self.last_confusion = score(self.accelerator, self.model, self.val_loader if loader is None else loader,
+        model = functools.partial(self.normalization.run, self.model)  # raw inputs in, outputs in the data's units
+        metrics, self.last_confusion = score(self.accelerator, model, self.val_loader if loader is None else loader,
                                              self.loss_fn, self.metric_fns, self.progress.validation, confusion)
         self.model.train()
         return metrics

@@ -64,7 +64,7 @@ class ValidationPictures(Callback):
         model.eval()
         try:
             with rng_kept():
-                outputs = model(inputs)
+                outputs = trainer.normalization.run(model, inputs)  # raw inputs, outputs in the data's units
         finally:
             model.train(was_training)
         if tuple(outputs.shape) != tuple(targets.shape):

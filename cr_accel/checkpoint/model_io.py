@@ -36,6 +36,10 @@ def load_model(run_dir_or_checkpoint: str | os.PathLike, device: str | torch.dev
 
     `ema`: a run with `training.ema_decay` gives its EMA weights (what its validation and `best/` measured);
     `ema=False` the raw ones. A checkpoint without an EMA gives its raw weights either way.
+
+    A run trained with `data.normalize` gives a `cr_accel.data.normalize.Normalized` module: it takes raw inputs,
+    normalises them with the run's statistics and maps outputs shaped like the inputs back to their units, as
+    the run's validation did; `.model` is the network itself, `.normalization` the statistics.
     """
     from ..components import build_model
     from ..config import config_from_dict
@@ -53,7 +57,20 @@ def load_model(run_dir_or_checkpoint: str | os.PathLike, device: str | torch.dev
     model.load_state_dict(load_model_state(path, device))
     if ema:
         _load_ema(path, model)
-    return model.to(device).eval()
+    return _with_normalization(path, model).to(device).eval()
+
+
+def _with_normalization(path: Path, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` taking raw inputs where the checkpoint's run normalised them (data.normalize)."""
+    from ..data.normalize import Normalization, normalized, state_problem
+
+    saved = read_state(path).get("normalization") if (path / STATE).is_file() else None
+    if saved is None:
+        return model
+    problem = state_problem(saved)
+    if problem or (saved["kind"] is not None and saved["shift"] is None):
+        raise CheckpointError(f"checkpoint `{path}`: its normalization is not usable: {problem or 'no statistics'}")
+    return normalized(model, Normalization(**saved))
 
 
 def _load_ema(path: Path, model: torch.nn.Module) -> None:

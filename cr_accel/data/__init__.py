@@ -18,7 +18,8 @@ Two rules hold for every builder here:
 Metadata keys shared by all builders: `dataset`, `task`, `input_shape`, `target_shape` (per sample),
 `input_dtype`, `target_dtype`, `num_train`, `num_val`, `num_test` (0 without a test split), `data_range` (`[low, high]` of the targets, or
 None; `psnr` and `ssim` measure against high - low, see `components.data_range_of`), `normalization`
-(per-channel input statistics, or None) and `source`.
+(per-channel input statistics, recorded only, or None) and `source`. The trainer adds `normalize` when
+`data.normalize` is on: the statistics it applies (see `normalize.py`).
 """
 
 import hashlib
