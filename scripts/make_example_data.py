@@ -4,12 +4,16 @@
     python scripts/make_example_data.py --out DIR       # anywhere else
 
 Two `.npz` files, the format `data.name: tensor_files` reads (an `inputs` and a `targets` array with the
-samples along the first dimension), about 180 KB together:
+samples along the first dimension), and a folder of PNG images, the layout `data.name: image_folder` reads,
+about 230 KB together:
 
 - `images.npz`: inputs 80 blurred, noisy 1x16x16 images (float32), targets the clean images (float32 in
   [0, 1]); for `own_images_reconstruction.yaml` and `own_model.yaml`.
 - `features.npz`: inputs 300 vectors of 16 features (float32), targets class labels 0, 1, 2 (int64); for
   `own_data_classification.yaml`.
+- `image_folder/`: the images of `images.npz` as 8-bit grey-scale PNGs, `inputs/000.png` ... and
+  `targets/000.png` ...; for `own_image_folder.yaml`. Written with Pillow (the `images` extra:
+  `pip install -e '.[images]'`); without it the folder is skipped, with a note.
 
 The files are the same, byte for byte, on every run (fixed seed, fixed zip timestamps), so they need not be
 committed (NumPy does not promise the same random numbers across its versions: regenerate after upgrading). To train on your own data, write your arrays the same way:
@@ -68,18 +72,48 @@ def save_npz(path, arrays):
     os.replace(tmp, path)
 
 
-# file name -> (what makes its arrays, its random stream). One generator per file, so changing one file's
-# recipe leaves the other file's bytes alone.
-FILES = {"images.npz": (make_images, 1), "features.npz": (make_features, 2)}
+def save_png_folder(path, arrays):
+    """`arrays` (inputs and targets in [0, 1], N x 1 x H x W) as 8-bit PNGs in `path/inputs` and `path/targets`,
+    file names 000.png ...; each file written to a temporary name and renamed."""
+    from PIL import Image
+
+    for name, images in arrays.items():
+        folder = path / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(np.round(np.clip(images[:, 0], 0, 1) * 255).astype(np.uint8)):
+            target = folder / f"{index:03d}.png"
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            Image.fromarray(image).save(tmp, format="PNG")
+            os.replace(tmp, target)
+
+
+def pillow_missing():
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+# file name -> (what makes its arrays, its random stream, how they are written). One generator per file, so
+# changing one file's recipe leaves the other files' bytes alone (the image folder holds images.npz's images).
+FILES = {"images.npz": (make_images, 1, save_npz), "features.npz": (make_features, 2, save_npz),
+         "image_folder": (make_images, 1, save_png_folder)}
 
 
 def write_example_data(out=DEFAULT_OUT):
-    """Write every example file into `out`; returns their paths."""
+    """Write every example file into `out` (the image folder only where Pillow is installed); returns their
+    paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, (make, stream) in FILES.items():
-        save_npz(out / name, make(np.random.default_rng([SEED, stream])))
-    return [out / name for name in FILES]
+    written = []
+    for name, (make, stream, save) in FILES.items():
+        if save is save_png_folder and pillow_missing():
+            print(f"skipped {out / name}: writing PNGs needs Pillow (pip install -e '.[images]')")
+            continue
+        save(out / name, make(np.random.default_rng([SEED, stream])))
+        written.append(out / name)
+    return written
 
 
 def main(argv=None):
@@ -87,7 +121,8 @@ def main(argv=None):
     parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"folder to write into (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     for path in write_example_data(args.out):
-        print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
+        size = sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
+        print(f"wrote {path} ({size // 1024} KB)")
     return 0
 
 

@@ -22,6 +22,7 @@ EXAMPLES = {
     "own_images_reconstruction.yaml": "val_psnr",
     "own_data_classification.yaml": "val_accuracy",
     "own_model.yaml": "val_psnr",
+    "own_image_folder.yaml": "val_psnr",
 }
 COMMON_COLUMNS = {"epoch", "step", "train_loss", "grad_norm", "val_loss", "best_val", "lr", "samples_per_s",
                   "epoch_time"}
@@ -47,17 +48,31 @@ def test_every_config_is_trained_here():
     assert set(CONFIGS) - {"default.yaml"} == set(EXAMPLES)
 
 
-def test_script_writes_small_deterministic_npz_files(generated, tmp_path):
+def contents(folder):
+    """{path relative to `folder`: bytes} of every file under it."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_script_writes_small_deterministic_files(generated, tmp_path):
     files = sorted(p.name for p in generated.iterdir())
     assert files == sorted(example_data_script().FILES)
-    assert sum((generated / f).stat().st_size for f in files) <= MAX_BYTES
+    assert sum(len(data) for data in contents(generated).values()) <= MAX_BYTES
     again = example_data_script().write_example_data(tmp_path)  # a second run, in process: the same bytes
-    assert {p.name: p.read_bytes() for p in again} == {f: (generated / f).read_bytes() for f in files}
+    assert sorted(p.name for p in again) == files and contents(tmp_path) == contents(generated)
 
-    with np.load(generated / "images.npz", allow_pickle=False) as images:
+    with np.load(generated / "images.npz", allow_pickle=False) as archive:
+        images = dict(archive)
         assert images["inputs"].shape == images["targets"].shape == (80, 1, 16, 16)
         assert images["inputs"].dtype == images["targets"].dtype == np.float32
         assert 0 <= images["targets"].min() and images["targets"].max() <= 1  # psnr's data range
+    from PIL import Image
+
+    pngs = generated / "image_folder"
+    assert [len(list((pngs / side).glob("*.png"))) for side in ("inputs", "targets")] == [80, 80]
+    for side in ("inputs", "targets"):  # images.npz's images, in 8 bits
+        with Image.open(pngs / side / "007.png") as png:
+            pixels = np.asarray(png)
+        assert png.mode == "L" and np.array_equal(pixels, np.round(np.clip(images[side][7, 0], 0, 1) * 255))
     with np.load(generated / "features.npz", allow_pickle=False) as features:
         assert features["inputs"].shape == (300, 16) and features["inputs"].dtype == np.float32
         assert features["targets"].dtype == np.int64 and set(np.unique(features["targets"])) == {0, 1, 2}
