@@ -24,6 +24,7 @@ from .callbacks import Callback, CallbackList, Event, TrainingState, builtin_cal
 from .callbacks.checkpointing import CheckpointPolicy
 from .checkpoint.async_writer import BackgroundSave, why_synchronous
 from .config import Config
+from .data import handover
 from .data.normalize import Normalization
 from .environment import UNSHARDED_TYPES, describe_environment, make_accelerator
 from .models import count_parameters
@@ -239,7 +240,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         # would shift dropout masks); with the seedable sampler the shuffle depends on (seed, epoch) only.
         # Workers change where __getitem__ runs, not what it returns: the sampler stays in this process and the
         # datasets draw augmentation from (seed, epoch, index), so any num_workers gives the same batches.
-        return DataLoader(self.data.train, batch_size=batch_size, shuffle=True,
+        return DataLoader(handover.for_loader(self.data.train), batch_size=batch_size, shuffle=True,
                           generator=torch.Generator().manual_seed(self.cfg.seed),
                           **loader_options(d, self.accelerator.device))
 
@@ -441,7 +442,10 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         policies = self.callbacks.of_type(CheckpointPolicy)
         eval_every_steps = t.eval_every_steps
         self.preemption_agreed = False
+        expand = handover.expander(loader)  # 8-bit images arrive as uint8
         for inputs, targets in loader:
+            if expand is not None:
+                inputs, targets = expand(inputs, targets)
             if accumulate:
                 with acc.accumulate(self.model):
                     loss, terms = self._forward_backward(inputs, targets)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
+from .data import handover
 from .losses import loss_and_terms
 
 if TYPE_CHECKING:
@@ -64,7 +65,10 @@ def score(acc: Accelerator, model: Any, loader: Any, loss_fn: Any, metric_fns: d
     sums: dict[str, torch.Tensor] = {}  # float64 sums on the device: no sync until the end
     counts = None
     count = 0
+    expand = handover.expander(loader)  # 8-bit images arrive as uint8
     for inputs, targets in batches(loader):
+        if expand is not None:
+            inputs, targets = expand(inputs, targets)
         outputs = model(inputs)
         weight = 1
         if acc.num_processes > 1 and state.end_of_dataloader and state.remainder != 0:
@@ -115,8 +119,8 @@ def eval_loader(data_cfg: Any, dataset: Any, batch_size: int | None = None,
     else `batch_size` (the training micro-batch), else `data.batch_size`. The same batches give the same sums,
     so every scorer of a set builds its loader here. `device`: where the batches go (decides a null pin_memory)."""
     d = data_cfg
-    return DataLoader(dataset, batch_size=d.val_batch_size or batch_size or d.batch_size, shuffle=False,
-                      **loader_options(d, device))
+    return DataLoader(handover.for_loader(dataset), batch_size=d.val_batch_size or batch_size or d.batch_size,
+                      shuffle=False, **loader_options(d, device))
 
 
 def renamed_for_split(metrics: dict[str, float], split: str) -> dict[str, float]:

@@ -163,7 +163,7 @@ def test_validation_classes_keep_the_training_labels(tmp_path):
 def test_decoding_is_lazy_one_file_per_folder_at_build(tmp_path, monkeypatch):
     decoded, headers = [], []
     decode, read = images.decode_image, images.read_header
-    monkeypatch.setattr(images, "decode_image", lambda f: decoded.append(f.parent.name) or decode(f))
+    monkeypatch.setattr(images, "decode_image", lambda f, *keep: decoded.append(f.parent.name) or decode(f, *keep))
     monkeypatch.setattr(images, "read_header", lambda f: headers.append(f) or read(f))
     splits = image_folder(seed=0, path=str(paired(tmp_path / "p", n=10, targets=(".tif", np.uint16))))
     assert sorted(decoded) == ["inputs", "targets"] and len(headers) == 20  # one decoded per folder; headers
@@ -173,6 +173,31 @@ def test_decoding_is_lazy_one_file_per_folder_at_build(tmp_path, monkeypatch):
     decoded.clear()
     image_folder(seed=0, path=str(classes(tmp_path / "c")))
     assert sorted(decoded) == ["ant", "cat", "dog"]
+
+
+def test_8_bit_images_are_handed_over_as_uint8_and_expand_to_the_same_bits(tmp_path):
+    """Workers pass 8-bit images as stored (a quarter of float32's bytes); the scaling after the batch arrives gives
+    the values __getitem__ gives, bit for bit. 16-bit and float images, and class labels, pass as before."""
+    from torch.utils.data import default_collate
+
+    from cr_accel.config import DataConfig
+    from cr_accel.data import handover
+    from cr_accel.validation import eval_loader
+
+    root = paired(tmp_path / "p", n=6, inputs=(".png", np.uint8), targets=(".tif", np.uint16))
+    labelled = image_folder(seed=0, path=str(classes(tmp_path / "c")), val_ratio=0.25)
+    for dataset in (image_folder(seed=0, path=str(root), val_ratio=0.5, crop=8, flip=True).train, labelled.train):
+        loader = eval_loader(DataConfig(), dataset)
+        assert isinstance(loader.dataset, handover.Compact)
+        compact = next(iter(loader))
+        assert compact[0].dtype == torch.uint8 and compact[1].dtype in (torch.float32, torch.int64)
+        expanded = handover.expander(loader)(*compact)
+        direct = default_collate([dataset[i] for i in range(len(compact[0]))])
+        assert expanded[0].dtype == torch.float32 and torch.equal(expanded[0], direct[0])
+        assert torch.equal(expanded[1], direct[1])
+    floats = image_folder(seed=0, path=str(paired(tmp_path / "f", n=4, inputs=(".tif", np.float32),
+                                                  targets=(".tif", np.float32))), val_ratio=0.5)
+    assert handover.for_loader(floats.train) is floats.train and handover.expander(DataLoader(floats.train)) is None
 
 
 # ---------------------------------------------------------------- crop and flip

@@ -71,10 +71,19 @@ def read_header(file: Path) -> ImageHeader:
     return _reading(file, _tiff_header if file.suffix.lower() in TIFF_SUFFIXES else _pillow_header)
 
 
-def decode_image(file: Path) -> torch.Tensor:
-    """The image of `file` as a `C x H x W` float32 tensor, scaled as the module docstring says."""
+def decode_image(file: Path, keep_8_bit: bool = False) -> torch.Tensor:
+    """The image of `file` as a `C x H x W` float32 tensor, scaled as the module docstring says; with
+    `keep_8_bit`, an 8-bit image as its stored uint8 values (`scaled(image)` is then the float32 tensor)."""
     array, dtype = _reading(file, _tiff_pixels if file.suffix.lower() in TIFF_SUFFIXES else _pillow_pixels)
-    image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if keep_8_bit and dtype == "uint8":
+        return torch.from_numpy(np.require(array, requirements=["C", "W"]))  # a read-only array would warn
+    return scaled(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), dtype)
+
+
+def scaled(image: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Stored values (or a batch of them) of an image of `dtype` as float32, integers divided by their largest
+    value: one float32 division wherever it runs, so a worker and the device compute the same bits."""
+    image = image if image.dtype == torch.float32 else image.float()
     return image / SCALE[dtype] if dtype in SCALE else image
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from cr_accel.errors import UserError
 
 from . import DATASETS, DatasetSplits
-from .image_files import SUFFIXES, SUPPORTED_TEXT, ImageHeader, decode_image, read_header
+from .image_files import SUFFIXES, SUPPORTED_TEXT, ImageHeader, decode_image, read_header, scaled
 from .splits import ratio_problems, split_indices
 from .transforms import PairAugment
 
@@ -102,11 +102,12 @@ def image_folder(seed, path, val_path=None, val_ratio=0.1, crop=None, flip=False
             "flip": bool(flip),
         },
     }
+    stored = (reference[0].dtype, reference[1].dtype if paired else None)
     return DatasetSplits(
-        train=ImageFolderDataset(train, paired, PairAugment(seed, crop, flip, train=True)),
-        val=ImageFolderDataset(val, paired, PairAugment(seed, crop, flip, train=False)),
+        train=ImageFolderDataset(train, paired, PairAugment(seed, crop, flip, train=True), stored),
+        val=ImageFolderDataset(val, paired, PairAugment(seed, crop, flip, train=False), stored),
         metadata=metadata,
-        test=ImageFolderDataset(test, paired, PairAugment(seed, crop, flip, train=False)) if test else None,
+        test=ImageFolderDataset(test, paired, PairAugment(seed, crop, flip, train=False), stored) if test else None,
     )
 
 
@@ -115,10 +116,17 @@ class ImageFolderDataset(Dataset):
 
     `set_epoch(epoch)` (called by the trainer every epoch) sets the epoch the augmentation draws for, in a
     shared-memory tensor, so DataLoader workers started before it, persistent ones included, see it too.
+
+    `stored` is the dtype the input and target images are stored in (None for class labels): 8-bit images can
+    be handed over from the workers as uint8 (`compact_item`) and scaled once a batch arrives (`expand_batch`);
+    see `handover.py`.
     """
 
-    def __init__(self, samples: list[tuple[Path, Path | int]], paired: bool, augment: PairAugment) -> None:
+    def __init__(self, samples: list[tuple[Path, Path | int]], paired: bool, augment: PairAugment,
+                 stored: tuple[str, str | None] = ("float32", None)) -> None:
         self.inputs = [str(s[0]) for s in samples]
+        self.stored = stored
+        self.has_compact_items = "uint8" in stored
         self.paired = paired
         self.targets = [str(s[1]) for s in samples] if paired else torch.tensor([s[1] for s in samples])
         self.augment = augment
@@ -131,10 +139,25 @@ class ImageFolderDataset(Dataset):
         return len(self.inputs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images = [decode_image(Path(self.inputs[index]))]
+        return self._item(index, keep_8_bit=False)
+
+    def compact_item(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample with its 8-bit images as stored (uint8); `expand_batch` of a batch of them is the batch of
+        `__getitem__`'s, bit for bit."""
+        return self._item(index, keep_8_bit=True)
+
+    def expand_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of `compact_item`s as a batch of `__getitem__`s: the 8-bit sides scaled, the others as given."""
+        return self._expanded(inputs, 0), self._expanded(targets, 1) if self.paired else targets
+
+    def _expanded(self, batch: torch.Tensor, side: int) -> torch.Tensor:
+        return scaled(batch, "uint8") if self.stored[side] == "uint8" else batch
+
+    def _item(self, index: int, keep_8_bit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        images = [decode_image(Path(self.inputs[index]), keep_8_bit)]
         if self.paired:
-            images.append(decode_image(Path(self.targets[index])))
-        if self.augment:
+            images.append(decode_image(Path(self.targets[index]), keep_8_bit))
+        if self.augment:  # crops and flips move values, so they commute with the scaling
             images = self.augment(images, int(self.epoch), index)
         return (images[0], images[1]) if self.paired else (images[0], self.targets[index])
 
