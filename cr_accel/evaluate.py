@@ -105,7 +105,8 @@ def score_checkpoint(cfg: Any, path: Path, split: str) -> dict[str, float] | Non
     dataset = data.val if split == "val" else getattr(data, "test", None)
     if dataset is None:
         raise UserError(f"the data of this run has no {split} split; give it one with an override: "
-                        "data.test_path=FILE or data.test_ratio=0.1 (tensor_files), data.num_test=64 (synthetic_cr)")
+                        "data.test_path=FILE or data.test_ratio=0.1 (tensor_files, image_folder), data.test_split=test "
+                        "(hf_dataset), data.num_test=64 (synthetic_cr)")
     parts = read_state(path)
     # The data range psnr/ssim measured against during training (tensor_files' is the training targets' own).
     metadata = parts.get("dataset") or data.metadata

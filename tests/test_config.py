@@ -80,7 +80,7 @@ BAD = [
         patch={"optimizer": {"name": "lbfgs"}}),
     Bad("unknown_scheduler", [r"`scheduler\.name`: unknown scheduler `cosin`; did you mean `cosine`\?",
                               r"(?i)choose one of: constant, cosine, cosine_restarts, linear, multistep, plateau, step\b"], patch={"scheduler": {"name": "cosin"}}),
-    Bad("unknown_dataset", [r"`data\.name`: unknown dataset `mnist`", r"(?i)choose one of: image_folder, synthetic_cr, tensor_files\b"],
+    Bad("unknown_dataset", [r"`data\.name`: unknown dataset `mnist`", r"(?i)choose one of: hf_dataset, image_folder, synthetic_cr, tensor_files\b"],
         patch={"data": {"name": "mnist"}}),
     Bad("model_kwarg_not_in_signature",
         [r"`model\.base_chanels`: is not a parameter of `ConvAutoencoder`; did you mean `base_channels`\?",

@@ -528,7 +528,7 @@ def test_a_16_bit_color_png_is_refused_rather_than_read_as_8_bits(tmp_path):
 
 
 @pytest.mark.parametrize("module, suffix, message", [
-    ("tifffile", ".tif", r"`.*/00\.tif` is a TIFF, which image_folder reads with tifffile, not installed: "
+    ("tifffile", ".tif", r"`.*/00\.tif` is a TIFF, which cr_accel reads with tifffile, not installed: "
                          r"pip install -e '\.\[images\]'"),
     ("PIL", ".png", r"reads PNG and JPEG files with Pillow, which is not installed: pip install -e '\.\[images\]'"),
 ])

@@ -13,7 +13,8 @@ Two rules hold for every builder here:
   (`__getitem__` is tensor indexing); `tensor_files` reads only the headers of `.safetensors` and `.npy` files
   there and one sample per `__getitem__` (see `tensor_store`); `image_folder` lists and checks its files there
   and decodes each image in `__getitem__` (in the DataLoader's workers), its augmentation drawn from
-  (seed, epoch, index) only.
+  (seed, epoch, index) only; `hf_dataset` memory-maps Arrow data (converting Parquet once into a cache), checks
+  every row's shape there and reads one row per `__getitem__`, importing `datasets` only when it is used.
 
 Metadata keys shared by all builders: `dataset`, `task`, `input_shape`, `target_shape` (per sample),
 `input_dtype`, `target_dtype`, `num_train`, `num_val`, `num_test` (0 without a test split), `data_range` (`[low, high]` of the targets, or
@@ -56,7 +57,9 @@ def seeded_generator(seed, stream):
 
 # The built-in builders register themselves on import.
 from .files import tensor_files  # noqa: E402
+from .hf import hf_dataset  # noqa: E402
 from .images import image_folder  # noqa: E402
 from .synthetic import synthetic_cr  # noqa: E402
 
-__all__ = ["DATASETS", "DatasetSplits", "image_folder", "seeded_generator", "synthetic_cr", "tensor_files"]
+__all__ = ["DATASETS", "DatasetSplits", "hf_dataset", "image_folder", "seeded_generator", "synthetic_cr",
+           "tensor_files"]

@@ -302,12 +302,12 @@ def _option_problems(crop, flip, data_range):
         problems.append(f"data.crop must be a whole number of pixels >= 1 (or null for whole images), got {crop!r}")
     if not isinstance(flip, bool):
         problems.append(f"data.flip must be true or false, got {flip!r}")
-    if data_range is not None and not _is_range(data_range):
+    if data_range is not None and not is_range(data_range):
         problems.append(f"data.data_range must be [low, high] with low < high, got {data_range!r}")
     return problems
 
 
-def _is_range(value):
+def is_range(value):
     numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
     return numbers and value[0] < value[1]
