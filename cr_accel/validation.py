@@ -109,8 +109,24 @@ def loader_options(data_cfg: Any, device: torch.device | None) -> dict[str, Any]
     d = data_cfg
     options: dict[str, Any] = {"num_workers": d.num_workers, "pin_memory": pins_memory(d, device)}
     if d.num_workers > 0:
-        options.update(persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor)
+        options.update(persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor,
+                       worker_init_fn=yield_to_training)
     return options
+
+
+WORKER_NICENESS = 5  # how much lower the workers' CPU priority is than the training process's
+
+
+def yield_to_training(worker_id: int) -> None:
+    """Runs in each DataLoader worker as it starts: a lower CPU priority (nice) than the training process. Where
+    cores are fewer than workers + 1, the training step then keeps its core and the workers, which load ahead into a
+    bounded queue, take the cycles it leaves; with cores to spare it changes nothing."""
+    import os
+
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:  # not permitted here: the workers keep the priority they started with
+        pass
 
 
 def eval_loader(data_cfg: Any, dataset: Any, batch_size: int | None = None,

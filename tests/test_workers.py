@@ -64,3 +64,30 @@ def test_pinned_batches_are_copied_without_blocking(pin_memory, expected):
     cfg = config_from_dict({"data": {"pin_memory": pin_memory}, "dashboard": {"enabled": False}},
                            check_components=False)
     assert make_accelerator(cfg).dataloader_config.non_blocking is expected
+
+
+class _Priorities:
+    """Each sample is the CPU priority (niceness) of the process that loads it."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        import os
+
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def test_workers_run_at_a_lower_cpu_priority_than_training():
+    """Where cores are short (2 here), the training step keeps its core and the workers take what it leaves."""
+    import os
+
+    from torch.utils.data import DataLoader
+
+    from cr_accel.config import DataConfig
+    from cr_accel.validation import WORKER_NICENESS, loader_options
+
+    loader = DataLoader(_Priorities(), batch_size=1, **loader_options(DataConfig(num_workers=1), None))
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert [int(batch) for batch in loader] == [min(ours + WORKER_NICENESS, 19)] * 2
+    assert os.getpriority(os.PRIO_PROCESS, 0) == ours  # the training process keeps its own
