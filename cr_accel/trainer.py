@@ -77,7 +77,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
 
         self.data = components.build_datasets(cfg)
         # data.normalize: its statistics are computed (or read from the checkpoint resumed) by `preflight`
-        self.normalization = Normalization.from_config(cfg.data.normalize, self.data.metadata)
+        self.normalization = Normalization.from_config(cfg.data.normalize)
         model = components.build_model(cfg)
         self.loss_fn = components.build_loss(cfg, self.data.metadata).to(acc.device)
         self._loss_cfg = cfg.loss  # the loss section self.loss_fn was built from (stages may change it)
@@ -356,7 +356,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
                 options = {"num_workers": d.num_workers, **({"prefetch_factor": d.prefetch_factor} if d.num_workers else {})}
                 with rng_kept():  # a loader with workers draws their seed from the global RNG
                     norm.fit(self.data.train, self.accelerator, d.val_batch_size or d.batch_size, options)
-        norm.check_channels(torch.as_tensor(self.data.train[0][0]))
+        norm.match_sample(*(torch.as_tensor(part) for part in self.data.train[0]))
         self.data.metadata["normalize"] = norm.describe()
 
     def _run_epoch(self) -> dict[str, Any] | None:

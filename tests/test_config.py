@@ -300,8 +300,10 @@ def test_loader_keys_with_workers_resolve(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump({"data": {"num_workers": 2, "persistent_workers": True, "prefetch_factor": 3}}))
     d = load_config(path).data
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    from cr_accel.validation import yield_to_training
+
     assert loader_options(d, cpu) == {"num_workers": 2, "pin_memory": False, "persistent_workers": True,
-                                      "prefetch_factor": 3}
+                                      "prefetch_factor": 3, "worker_init_fn": yield_to_training}
     assert loader_options(d, cuda)["pin_memory"] is True  # null: on for CUDA
     d.pin_memory = False
     assert loader_options(d, cuda)["pin_memory"] is False  # as given

@@ -35,7 +35,7 @@ DEFAULT_RESOLVED = {
     "model": {"name": "conv_autoencoder", "in_channels": 1, "out_channels": 1, "base_channels": 8, "depth": 2},
     "loss": {"name": "mse"},
     "data": {"name": "synthetic_cr", "batch_size": 32, "val_batch_size": None, "num_workers": 0,
-             "persistent_workers": False, "prefetch_factor": None, "pin_memory": None, "val_sets": {}, "num_train": 256, "num_val": 64},
+             "persistent_workers": False, "prefetch_factor": None, "pin_memory": None, "normalize": None, "val_sets": {}, "num_train": 256, "num_val": 64},
     "optimizer": {"name": "adamw", "lr": 0.001, "weight_decay": 0.005},
     "scheduler": {"name": "cosine", "warmup_ratio": 0.05, "warmup_steps": None, "min_lr_ratio": 0.0,
                   "interval": None},

@@ -109,6 +109,18 @@ def test_inputs_are_normalised_and_outputs_of_their_shape_mapped_back():
     assert Normalization().run(lambda z: z, x) is x  # off: the inputs as they are
 
 
+@pytest.mark.parametrize("target, mapped_back", [
+    (torch.zeros(2, 4, 4), True),  # reconstruction: outputs in the inputs' units
+    (torch.zeros(1, 4, 4), False),  # other channels
+    (torch.tensor(3), False),  # a class label
+    (torch.zeros(2, 4, 4, dtype=torch.int64), False),  # integer targets
+])
+def test_outputs_are_mapped_back_only_where_targets_are_floats_shaped_like_the_inputs(target, mapped_back):
+    norm = Normalization("per_channel")
+    norm.match_sample(torch.zeros(2, 4, 4), target)
+    assert norm.restore_outputs is mapped_back
+
+
 # ---------------------------------------------------------------- through a run
 
 

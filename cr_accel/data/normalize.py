@@ -11,8 +11,8 @@ The statistics come from one streaming pass over the training split (each proces
 samples, then the partial moments are merged in process order), in float64: a dataset larger than memory is
 read once, never held. A channel (or range) with no spread is scaled by 1, not divided by 0.
 
-Only the model's side of the data changes: the model gets normalised inputs, and where the targets are shaped
-like the inputs (reconstruction) its outputs are mapped back to the inputs' units before anything else sees
+Only the model's side of the data changes: the model gets normalised inputs, and where the targets are floating
+point and shaped like the inputs (reconstruction) its outputs are mapped back to the inputs' units before anything else sees
 them. Losses, metrics, pictures and predictions are therefore in the data's own units whether or not the
 inputs are normalised.
 """
@@ -77,16 +77,14 @@ class Normalization:
         self._views: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_config(cls, value: Any, metadata: dict[str, Any]) -> Normalization:
-        """The normalisation `data.normalize` asks for, with the dataset's `metadata`: given values are known at
-        once, computed ones after `fit`. Outputs are mapped back when the targets are shaped like the inputs."""
-        shaped_alike = metadata.get("input_shape") is not None and metadata.get("input_shape") == metadata.get(
-            "target_shape") and metadata.get("task") != "classification"
+    def from_config(cls, value: Any) -> Normalization:
+        """The normalisation `data.normalize` asks for: given values are known at once, computed ones after `fit`;
+        whether outputs are mapped back is decided by `match_sample`."""
         if isinstance(value, dict):
             mean, std = _numbers(value["mean"]) or [], _numbers(value["std"]) or []
             channels = max(len(mean), len(std))  # a single value goes with every channel
-            return cls(FIXED, mean * (channels // len(mean)), std * (channels // len(std)), restore_outputs=shaped_alike)
-        return cls(value, restore_outputs=shaped_alike)
+            return cls(FIXED, mean * (channels // len(mean)), std * (channels // len(std)))
+        return cls(value)
 
     @property
     def active(self) -> bool:
@@ -120,14 +118,16 @@ class Normalization:
             self._views[key] = (shift, scale)
         return self._views[key]
 
-    def check_channels(self, sample: torch.Tensor) -> None:
-        """Refuse given per-channel values whose count does not match `sample`'s channels (dim 0)."""
+    def match_sample(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Fit the normalisation to one training sample: outputs are mapped back where the targets are floating
+        point and shaped like the inputs (reconstruction); given per-channel values must match the channels."""
+        self.restore_outputs = targets.is_floating_point() and targets.shape == inputs.shape
         if self.kind != FIXED or self.shift is None or len(self.shift) == 1:
             return
-        channels = sample.shape[0] if sample.ndim else 1
+        channels = inputs.shape[0] if inputs.ndim else 1
         if len(self.shift) != channels:
             raise UserError(f"data.normalize gives {len(self.shift)} means and stds, but the inputs have {channels} "
-                            f"channel(s) (samples of shape {list(sample.shape)}); give one value per channel, or one "
+                            f"channel(s) (samples of shape {list(inputs.shape)}); give one value per channel, or one "
                             "for all")
 
     # ---------------------------------------------------------------- computing it
