@@ -293,3 +293,27 @@ def small_config_file(folder, name, **sections):
     path = Path(folder) / name
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def own_data_config(folder, data, model=None, training=None):
+    """configs/default.yaml turned into a short run on the user's own data, written to folder/config.yaml: the
+    `data` section's synthetic keys replaced by `data`, a small model (`model` updates it), 2 epochs logging every
+    step (`training` updates them), a checkpoint every epoch and all kept, output in folder/run, no pictures and no
+    dashboard."""
+    import yaml
+
+    from cr_accel.config import parse_yaml
+
+    raw = parse_yaml((ROOT / "configs" / "default.yaml").read_text())
+    raw["model"].update(base_channels=4, **(model or {}))
+    for key in ("num_train", "num_val"):
+        raw["data"].pop(key)
+    raw["data"].update(data)
+    raw["training"].update({"epochs": 2, "log_every": 1, "eval_every": 1, **(training or {})})
+    raw["checkpoint"].update(save_every=1, keep_last_n=None)
+    raw["output"].update(dir=str(Path(folder) / "run"), samples_every=0)
+    raw["dashboard"]["enabled"] = False
+    path = Path(folder) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path

@@ -42,7 +42,8 @@ def psnr(estimate, target, data_range=1.0):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, required", [("synthetic_cr", {}), ("tensor_files", {"path": "data.npz"})])
+@pytest.mark.parametrize("name, required", [("synthetic_cr", {}), ("tensor_files", {"path": "data.npz"}),
+                                            ("image_folder", {"path": "images/"}), ("hf_dataset", {"path": "data/x"})])
 def test_builders_are_registered_with_defaults_and_documented_parameters(name, required):
     builder = DATASETS.resolve(name)
     # Only seed (from the trainer) and path may lack a default.

@@ -3,13 +3,11 @@ time with their stored dtypes, images decoded like image_folder's, splits by nam
 downloaded, every bad input refused before training naming the split, row or column, and a real training run with
 DataLoader workers."""
 
-import inspect
 import io
 import json
 import math
 import os
 import pickle
-import re
 import subprocess
 import sys
 
@@ -17,16 +15,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
 import cr_accel.data.hf as hf
-from cr_accel.config import parse_yaml
-from cr_accel.data import DATASETS
 from cr_accel.errors import UserError
-from cr_accel.registry import check_kwargs
-from tests.runners import PROBE, ROOT, clean_env, metric_rows, run_1_process
+from tests.runners import PROBE, ROOT, clean_env, metric_rows, own_data_config, run_1_process
 
 hf_dataset = hf.hf_dataset
 SHARED_KEYS = {
@@ -68,16 +62,6 @@ def labelled(n, labels, seed=0, names=("ant", "bee", "cat", "dog")):
 
 
 # ---------------------------------------------------------------- the builder's contract
-
-
-def test_registered_with_defaults_and_documented_parameters():
-    builder = DATASETS.resolve("hf_dataset")
-    assert builder is hf_dataset
-    assert check_kwargs(builder, {"path": "data/x"}, injected=("seed",)) == []
-    doc = inspect.getdoc(builder)
-    for param in inspect.signature(builder).parameters:
-        if param != "seed":
-            assert re.search(rf"^\s*{param}:", doc, re.MULTILINE), f"hf_dataset does not document {param}"
 
 
 def test_importing_cr_accel_needs_neither_datasets_nor_pyarrow():
@@ -357,19 +341,8 @@ def test_bad_data_is_one_user_error_naming_the_problem(tmp_path, case):
 
 
 def run_config(folder, data_root, **data):
-    raw = parse_yaml((ROOT / "configs" / "default.yaml").read_text())
-    raw["model"].update(base_channels=4)
-    for key in ("num_train", "num_val"):
-        raw["data"].pop(key)
-    raw["data"].update({"name": "hf_dataset", "path": str(data_root), "val_ratio": 0.2, "batch_size": 4, **data})
-    raw["training"].update(epochs=2, log_every=1, eval_every=1)
-    raw["checkpoint"].update(save_every=1, keep_last_n=None)
-    raw["output"].update(dir=str(folder / "run"), samples_every=0)
-    raw["dashboard"]["enabled"] = False
-    path = folder / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return own_data_config(folder, {"name": "hf_dataset", "path": str(data_root), "val_ratio": 0.2, "batch_size": 4,
+                                    **data})
 
 
 @pytest.fixture(scope="module")

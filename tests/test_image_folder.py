@@ -2,7 +2,6 @@
 depend only on (seed, epoch, index), training and an exact mid-epoch resume with DataLoader workers, and every
 bad folder refused before training with one line."""
 
-import inspect
 import json
 import re
 import sys
@@ -11,18 +10,15 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
 import cr_accel.data.images as images
 from cr_accel.cli import main_train
-from cr_accel.config import parse_yaml
-from cr_accel.data import DATASETS
 from cr_accel.errors import UserError
 from cr_accel.preemption import PREEMPTED_EXIT_CODE
-from cr_accel.registry import check_kwargs
-from tests.runners import PROBE, ROOT, assert_same_weights, launch_2_cpu_processes, metric_rows, run_1_process
+from tests.runners import (PROBE, ROOT, assert_same_weights, launch_2_cpu_processes, metric_rows, own_data_config,
+                           run_1_process)
 
 image_folder = images.image_folder
 SHARED_KEYS = {
@@ -64,16 +60,6 @@ def classes(root, counts=(("cat", 5), ("ant", 4), ("dog", 3)), size=(8, 8, 3)):
 
 
 # ---------------------------------------------------------------- the builder's contract
-
-
-def test_registered_with_defaults_and_documented_parameters():
-    builder = DATASETS.resolve("image_folder")
-    assert builder is image_folder
-    assert check_kwargs(builder, {"path": "images/"}, injected=("seed",)) == []
-    doc = inspect.getdoc(builder)
-    for param in inspect.signature(builder).parameters:
-        if param != "seed":
-            assert re.search(rf"^\s*{param}:", doc, re.MULTILINE), f"image_folder does not document {param}"
 
 
 @pytest.mark.parametrize("suffix, dtype, scale", [(".png", np.uint8, 255), (".png", np.uint16, 65535),
@@ -272,20 +258,8 @@ def test_building_and_augmenting_leave_global_rngs_untouched(tmp_path):
 
 
 def run_config(folder, data_root, **data):
-    raw = parse_yaml((ROOT / "configs" / "default.yaml").read_text())
-    raw["model"].update(base_channels=4)
-    for key in ("num_train", "num_val"):
-        raw["data"].pop(key)
-    raw["data"].update({"name": "image_folder", "path": str(data_root), "val_ratio": 0.2, "crop": 8, "flip": True,
-                        "batch_size": 4, **data})
-    raw["training"].update(epochs=2, log_every=1, eval_every=1)
-    raw["checkpoint"].update(save_every=1, keep_last_n=None)
-    raw["output"].update(dir=str(folder / "run"), samples_every=0)
-    raw["dashboard"]["enabled"] = False
-    path = folder / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return own_data_config(folder, {"name": "image_folder", "path": str(data_root), "val_ratio": 0.2, "crop": 8,
+                                    "flip": True, "batch_size": 4, **data})
 
 
 @pytest.fixture(scope="module")

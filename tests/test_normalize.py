@@ -7,17 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 from torch.utils.data import TensorDataset
 
 from cr_accel import load_model
 from cr_accel.checkpoint import read_state
 from cr_accel.cli import main_train
-from cr_accel.config import parse_yaml
 from cr_accel.data.normalize import ChannelMoments, Normalization, Normalized, config_problems
 from cr_accel.errors import UserError
 from cr_accel.predict import main as predict_main
-from tests.runners import ROOT, launch_2_cpu_processes, metric_rows
+from tests.runners import ROOT, launch_2_cpu_processes, metric_rows, own_data_config
 
 OFFSETS, SCALES = (1000.0, -50.0), (30.0, 0.5)  # channels far from zero mean and unit spread
 
@@ -124,24 +122,11 @@ def test_outputs_are_mapped_back_only_where_targets_are_floats_shaped_like_the_i
 # ---------------------------------------------------------------- through a run
 
 
-def write_config(folder, data_folder, **keys):
-    raw = parse_yaml((ROOT / "configs" / "default.yaml").read_text())
-    raw["model"].update(in_channels=2, out_channels=2, base_channels=4, depth=1)
-    for key in ("num_train", "num_val"):
-        raw["data"].pop(key)
-    raw["data"].update({"name": "tensor_files", "path": str(data_folder / "train.npz"),
-                        "val_path": str(data_folder / "val.npz"),
-                        "batch_size": 8, "normalize": "per_channel", **keys.pop("data", {})})
-    raw["training"].update(epochs=3, log_every=1)
-    raw["checkpoint"].update(save_every=1, keep_last_n=None)
-    raw["output"].update(dir=str(folder / "run"), samples_every=0)
-    raw["dashboard"]["enabled"] = False
-    for section, values in keys.items():
-        raw[section].update(values)
-    path = folder / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw))
-    return path
+def write_config(folder, data_folder, data=None, training=None):
+    return own_data_config(folder, {"name": "tensor_files", "path": str(data_folder / "train.npz"),
+                                    "val_path": str(data_folder / "val.npz"), "batch_size": 8,
+                                    "normalize": "per_channel", **(data or {})},
+                           model={"in_channels": 2, "out_channels": 2, "depth": 1}, training={"epochs": 3, **(training or {})})
 
 
 @pytest.fixture(scope="module")

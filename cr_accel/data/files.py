@@ -17,8 +17,9 @@ from torch.utils.data import TensorDataset
 from cr_accel.errors import UserError
 
 from . import DATASETS, DatasetSplits
-from .splits import check_ratios, split_indices
-from .tensor_store import InMemoryColumn, TensorStore, check_keys, dtype_name, open_npy, open_safetensors
+from .splits import check_ratios, split_counts, split_indices
+from .tensor_store import (InMemoryColumn, TensorStore, check_keys, columns_metadata, dtype_name, open_npy,
+                           open_safetensors)
 
 SUPPORTED_SUFFIXES = (".npz", ".safetensors", ".pt")
 _SUPPORTED_TEXT = ".npz, .safetensors or .pt"
@@ -94,13 +95,8 @@ def tensor_files(seed, path, val_path=None, val_ratio=0.1, input_key="inputs", t
     metadata = {
         "dataset": "tensor_files",
         **_describe_task(train, [val] + ([test] if test else [])),
-        "input_shape": list(inputs.shape),
-        "target_shape": list(targets.shape),
-        "input_dtype": dtype_name(inputs.dtype),
-        "target_dtype": dtype_name(targets.dtype),
-        "num_train": len(train),
-        "num_val": len(val),
-        "num_test": len(test) if test else 0,
+        **columns_metadata(inputs, targets),
+        **split_counts(train, val, test),
         "normalization": _channel_stats(train),
         "source": {
             "train": [str(f) for f in train_files],

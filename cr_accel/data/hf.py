@@ -19,8 +19,8 @@ from cr_accel.errors import UserError
 
 from . import DATASETS, DatasetSplits
 from .images import is_range
-from .splits import ratio_problems, split_indices
-from .tensor_store import dtype_name
+from .splits import ratio_problems, split_counts, split_indices
+from .tensor_store import columns_metadata
 
 INSTALL = "pip install -e '.[hf]'"
 OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -105,13 +105,8 @@ def hf_dataset(seed, path, input_column="inputs", target_column="targets", split
         "dataset": "hf_dataset",
         "task": task,
         **classes,
-        "input_shape": list(inputs.shape),
-        "target_shape": list(targets.shape),
-        "input_dtype": dtype_name(inputs.dtype),
-        "target_dtype": dtype_name(targets.dtype),
-        "num_train": len(train),
-        "num_val": len(val),
-        "num_test": len(test) if test else 0,
+        **columns_metadata(inputs, targets),
+        **split_counts(train, val, test),
         "data_range": None if task == "classification" else data_range_of(targets, train, data_range, size),
         "normalization": None,  # per-channel statistics would cost a pass over every input at each start
         "source": _describe_source(source, plan, seed, train_table, columns),

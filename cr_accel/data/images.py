@@ -18,7 +18,7 @@ from cr_accel.errors import UserError
 
 from . import DATASETS, DatasetSplits
 from .image_files import SUFFIXES, SUPPORTED_TEXT, ImageHeader, decode_image, read_header, scaled
-from .splits import ratio_problems, split_indices
+from .splits import ratio_problems, split_counts, split_indices
 from .transforms import PairAugment
 
 PAIRED = ("inputs", "targets")  # the subfolders of paired data
@@ -86,9 +86,7 @@ def image_folder(seed, path, val_path=None, val_ratio=0.1, crop=None, flip=False
         "target_shape": _sample_shape(reference[1], crop) if paired else [],
         "input_dtype": "float32",
         "target_dtype": "float32" if paired else "int64",
-        "num_train": len(train),
-        "num_val": len(val),
-        "num_test": len(test) if test else 0,
+        **split_counts(train, val, test),
         "data_range": _data_range(reference[1], train, data_range) if paired else None,
         "normalization": None,  # per-channel statistics would need every image decoded at build
         "source": {

@@ -12,6 +12,11 @@ from ..errors import UserError
 from . import seeded_generator
 
 
+def split_counts(train, val, test=None):
+    """The metadata keys of the splits' sizes (`num_test` 0 without a test split)."""
+    return {"num_train": len(train), "num_val": len(val), "num_test": len(test) if test else 0}
+
+
 def check_ratios(val_ratio, val_path, test_ratio, test_path, held="path"):
     """{split: fraction held out} for the splits taken from `path` (validation unless `val_path` is given, test
     when `test_ratio` is), with every problem in one message (see `ratio_problems`)."""

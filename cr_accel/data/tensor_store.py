@@ -228,3 +228,10 @@ def check_keys(file, keys, present, settings):
 
 def dtype_name(dtype):
     return str(dtype).removeprefix("torch.")
+
+
+def columns_metadata(inputs, targets):
+    """The metadata keys of the per-sample shapes and dtypes of an inputs and a targets column (anything with
+    `.shape` and `.dtype` of one sample)."""
+    return {"input_shape": list(inputs.shape), "target_shape": list(targets.shape),
+            "input_dtype": dtype_name(inputs.dtype), "target_dtype": dtype_name(targets.dtype)}
