@@ -353,7 +353,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
             saved = saved_part(self.checkpoints, resume_from_checkpoint, "normalization")
             if saved is None or not norm.adopt(saved):
                 d = self.cfg.data
-                options = {"num_workers": d.num_workers, **({"prefetch_factor": d.prefetch_factor} if d.num_workers else {})}
+                options = loader_options(d, None)  # the run's workers, on the CPU: the pass only sums
                 with rng_kept():  # a loader with workers draws their seed from the global RNG
                     norm.fit(self.data.train, self.accelerator, d.val_batch_size or d.batch_size, options)
         norm.match_sample(*(torch.as_tensor(part) for part in self.data.train[0]))
