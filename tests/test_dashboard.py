@@ -227,6 +227,24 @@ def test_tracker_keeps_epochs_while_the_dashboard_is_down_and_delivers_them_in_o
     assert len(messages) == 2 and "cannot deliver" in messages[0] and "reconnected" in messages[1], messages
 
 
+def test_tracker_backs_off_while_the_dashboard_is_down_however_many_records_arrive():
+    """New records do not cut the wait between tries short: otherwise each record brings a connection attempt
+    (and its Python work, which takes the GIL from the training thread) while nothing listens."""
+    tracker = DashboardTracker(f"http://127.0.0.1:{free_port()}", "backoff", run_id="backoff-1", timeout=0.5,
+                               finish_timeout=0, retry_initial=0.4, retry_max=0.4)
+    tracker.start()
+    started = time.monotonic()
+    for step in range(1, 101):  # 100 records over ~1 s
+        tracker.log_step(step, 1, {"loss": 1.0})
+        time.sleep(0.01)
+    elapsed = time.monotonic() - started
+    tries, pending = tracker._tries, tracker.pending
+    tracker.finish()
+    # One try at the start, then one per 0.4 s wait.
+    assert 1 <= tries <= 2 + elapsed / 0.4, (tries, elapsed)
+    assert pending == 101  # start + 100 step records, all kept
+
+
 def test_tracker_queue_is_bounded_and_never_drops_the_start_message(tmp_path):
     port = free_port()
     tracker = DashboardTracker(f"http://127.0.0.1:{port}", "bounded", run_id="bounded-1", max_pending=5,

@@ -357,9 +357,7 @@ class DashboardTracker(GeneralTracker):
             if self._closing:
                 return  # finish() has given up: whatever this try gave, nothing more is sent
             if outcome == "retry":
-                with self._cond:
-                    if not self._closing:
-                        self._cond.wait(min(delay, 0.1) if self._hurry else delay)
+                self._back_off(delay)
                 delay = min(delay * 2, self.retry_max)
                 continue
             delay = self.retry_initial
@@ -369,6 +367,18 @@ class DashboardTracker(GeneralTracker):
             if outcome == "drop":
                 self._warn_once(f"drop:{msg.kind}:{detail.split(':')[0]}",
                                 f"cr_accel dashboard: {self.url} rejected a {msg.kind} message ({detail}); left out")
+
+    def _back_off(self, delay):
+        """Wait `delay` seconds before the next try (0.1 s once finish() or flush() is waiting). New records do
+        not end the wait: each would otherwise bring a try (a connection and its Python work, taking the GIL
+        from training) while the dashboard is down."""
+        start = time.monotonic()
+        with self._cond:
+            while not self._closing:
+                left = start + (min(delay, 0.1) if self._hurry else delay) - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
 
     def _next_batch(self):
         """The head message, or (lock held) the step records at the head of the queue: as many in a row as
