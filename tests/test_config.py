@@ -17,6 +17,7 @@ import yaml
 
 from cr_accel.config import Config, load_config, parse_yaml
 from cr_accel.errors import ConfigError
+from tests.forked_train import TrainServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = REPO_ROOT / "configs" / "default.yaml"
@@ -210,11 +211,12 @@ def _run_bad(case, case_dir, run_train):
 
 
 @pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory, run_train):
-    """All BAD cases run once, one per CPU core at a time (most of each ~2.5 s run is importing torch)."""
+def bad_runs(tmp_path_factory):
+    """All BAD cases run once, a few at a time, each `train.py` in a process forked from one that has imported
+    torch (`tests/forked_train.py`: most of a refused run's 1.6 s would be that import)."""
     root = tmp_path_factory.mktemp("bad_configs")
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2)) as pool:
-        futures = {c.id: pool.submit(_run_bad, c, root / c.id, run_train) for c in BAD}
+    with TrainServer() as server, ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2)) as pool:
+        futures = {c.id: pool.submit(_run_bad, c, root / c.id, server.run) for c in BAD}
         return {key: future.result() for key, future in futures.items()}
 
 
