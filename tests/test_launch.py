@@ -350,7 +350,19 @@ LAUNCHED_USER_ERRORS = {
                      lambda tmp: "error: `data` could not be built: `tests.test_config:failing_data_builder()` "
                                  "raised FileNotFoundError: no shards under /data/missing"),
     "argparse": (lambda tmp: ["--epochs", "3"], lambda tmp: "train.py: error: unrecognized arguments: --epochs 3"),
+    # found after the statistics pass's gather: only rank 1 reads the bad sample, both ranks refuse the run
+    "normalize": (lambda tmp: ["data.name=tests.test_launch:synthetic_with_a_nan", "data.normalize=per_channel"],
+                  lambda tmp: "error: data.normalize=per_channel: the training inputs hold non-finite values"),
 }
+
+
+def synthetic_with_a_nan(seed, num_train, num_val):
+    """The default job's data with one NaN in the inputs of training sample 1 (read by rank 1 of 2)."""
+    from cr_accel.data.synthetic import synthetic_cr
+
+    splits = synthetic_cr(seed, num_train=num_train, num_val=num_val)
+    splits.train.tensors[0][1, 0, 0, 0] = float("nan")
+    return splits
 
 
 def _corrupt_checkpoint(tmp):
