@@ -158,3 +158,26 @@ def test_two_processes_report_once_per_epoch_to_a_dashboard_started_late(tmp_pat
 def test_unknown_or_missing_tracker_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown tracker `tensorbord`; did you mean `tensorboard`\?"):
         tiny_config(tmp_path, output={"trackers": ["tensorbord"]})
+
+
+def test_histogram_of_counts_like_torch_histogram_and_leaves_out_non_finite_values():
+    import torch
+
+    from cr_accel.sinks.trackers import histogram_of
+
+    torch.manual_seed(0)
+    values = torch.randn(5000) * 3
+    with_bad = torch.cat([values, torch.tensor([float("nan"), float("inf"), -float("inf")])])
+    for tensor in (values, with_bad):
+        h = histogram_of(tensor, bins=64)
+        finite = values.double()
+        counts, edges = torch.histogram(finite, bins=64, range=(float(finite.min()), float(finite.max())))
+        assert h["bucket_counts"] == counts.tolist()
+        assert h["bucket_limits"] == pytest.approx(edges[1:].tolist(), rel=1e-12)
+        assert (h["min"], h["max"], h["num"]) == (float(finite.min()), float(finite.max()), 5000)
+        assert h["sum"] == pytest.approx(float(finite.sum()), rel=1e-12)
+        assert h["sum_squares"] == pytest.approx(float((finite**2).sum()), rel=1e-12)
+    constant = histogram_of(torch.full((10,), 2.0), bins=4)
+    assert (constant["min"], constant["max"], sum(constant["bucket_counts"])) == (2.0, 2.0, 10)
+    assert histogram_of(torch.tensor([float("nan"), float("inf")])) is None
+    assert histogram_of(torch.zeros(0)) is None

@@ -16,6 +16,7 @@ waits for everything queued; an error of a tracker is raised in the training thr
 from __future__ import annotations
 
 import io
+import math
 import queue
 import threading
 import time
@@ -116,21 +117,13 @@ class TrackersSink(Sink):
         self._tensorboard().add_image(f"images/{name}", _decode(png), global_step=step, dataformats="HWC")
 
     def _histograms(self, tensors: dict[str, Any], step: int) -> None:
-        """Counted by torch (`torch.histogram`, 64 equal bins between the tensor's extremes) and written raw:
-        TensorBoard's own add_histogram bins in NumPy, ~10x slower (28 ms for the 12 tensors of the overhead
-        benchmark's MLP)."""
-        import torch
-
+        """Counted by torch (`histogram_of`) and written raw: TensorBoard's own add_histogram bins in NumPy, ~10x
+        slower (28 ms for the 12 tensors of the overhead benchmark's MLP)."""
         writer = self._tensorboard()
         for tag, tensor in tensors.items():
-            values = tensor.detach().double().flatten()
-            values = values[torch.isfinite(values)]
-            if values.numel() == 0:
-                continue
-            low, high = float(values.min()), float(values.max())
-            counts, edges = torch.histogram(values, bins=HISTOGRAM_BINS, range=(low, high if high > low else low + 1))
-            writer.add_histogram_raw(tag, low, high, values.numel(), float(values.sum()), float(values.square().sum()),
-                                     bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=step)
+            histogram = histogram_of(tensor)
+            if histogram is not None:
+                writer.add_histogram_raw(tag, **histogram, global_step=step)
 
     def _tensorboard(self) -> Any:
         if "tensorboard" not in self.names:
@@ -163,3 +156,24 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
             name = section if key is None else f"{section}.{key}"
             flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+def histogram_of(tensor: Any, bins: int = HISTOGRAM_BINS) -> dict[str, Any] | None:
+    """`add_histogram_raw`'s fields for the finite values of `tensor`: `bins` equal bins between their extremes;
+    None when it has none. Few, whole-tensor ops: this runs on the trackers' thread, and every op is a hand-over
+    of the GIL with the training thread (a histogram epoch's work stalls the steps that overlap it)."""
+    import torch
+
+    values = tensor.detach().flatten().double()
+    low, high = (float(v) for v in torch.aminmax(values)) if values.numel() else (math.nan, math.nan)
+    if not (math.isfinite(low) and math.isfinite(high)):  # a NaN or an inf among them (or no values)
+        values = values[torch.isfinite(values)]
+        if values.numel() == 0:
+            return None
+        low, high = (float(v) for v in torch.aminmax(values))
+    top = high if high > low else low + 1
+    counts = torch.histc(values, bins=bins, min=low, max=top)
+    limits = torch.linspace(low, top, bins + 1, dtype=torch.float64)[1:]
+    return {"min": low, "max": high, "num": values.numel(), "sum": float(values.sum()),
+            "sum_squares": float(torch.dot(values, values)), "bucket_limits": limits.tolist(),
+            "bucket_counts": counts.tolist()}
