@@ -240,9 +240,9 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         # would shift dropout masks); with the seedable sampler the shuffle depends on (seed, epoch) only.
         # Workers change where __getitem__ runs, not what it returns: the sampler stays in this process and the
         # datasets draw augmentation from (seed, epoch, index), so any num_workers gives the same batches.
-        return DataLoader(handover.for_loader(self.data.train), batch_size=batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.cfg.seed),
-                          **loader_options(d, self.accelerator.device))
+        device = self.accelerator.device
+        return DataLoader(batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.cfg.seed),
+                          **handover.loader_arguments(self.data.train, device, loader_options(d, device)))
 
     def _val_loader(self, dataset: Any, batch_size: int | None = None) -> DataLoader:
         return eval_loader(self.cfg.data, dataset, batch_size, self.accelerator.device)

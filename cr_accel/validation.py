@@ -135,8 +135,8 @@ def eval_loader(data_cfg: Any, dataset: Any, batch_size: int | None = None,
     else `batch_size` (the training micro-batch), else `data.batch_size`. The same batches give the same sums,
     so every scorer of a set builds its loader here. `device`: where the batches go (decides a null pin_memory)."""
     d = data_cfg
-    return DataLoader(handover.for_loader(dataset), batch_size=d.val_batch_size or batch_size or d.batch_size,
-                      shuffle=False, **loader_options(d, device))
+    return DataLoader(batch_size=d.val_batch_size or batch_size or d.batch_size, shuffle=False,
+                      **handover.loader_arguments(dataset, device, loader_options(d, device)))
 
 
 def renamed_for_split(metrics: dict[str, float], split: str) -> dict[str, float]:

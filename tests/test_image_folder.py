@@ -181,6 +181,13 @@ def test_8_bit_images_are_handed_over_as_uint8_and_expand_to_the_same_bits(tmp_p
         direct = default_collate([dataset[i] for i in range(len(compact[0]))])
         assert expanded[0].dtype == torch.float32 and torch.equal(expanded[0], direct[0])
         assert torch.equal(expanded[1], direct[1])
+        # On the CPU with workers the batches come by value, as NumPy arrays, and expand to the same bits.
+        by_value = eval_loader(DataConfig(num_workers=1), dataset, device=torch.device("cpu"))
+        arrays = next(iter(by_value))
+        assert isinstance(arrays[0], np.ndarray) and arrays[0].dtype == np.uint8
+        from_arrays = handover.expander(by_value)(*arrays)
+        assert torch.equal(from_arrays[0], direct[0]) and torch.equal(from_arrays[1], direct[1])
+        assert from_arrays[1].dtype == direct[1].dtype
     floats = image_folder(seed=0, path=str(paired(tmp_path / "f", n=4, inputs=(".tif", np.float32),
                                                   targets=(".tif", np.float32))), val_ratio=0.5)
     assert handover.for_loader(floats.train) is floats.train and handover.expander(DataLoader(floats.train)) is None
