@@ -56,9 +56,8 @@ def loader_arguments(dataset: Any, device: torch.device | None, options: dict[st
     batches going to `device`: compact batches by value on the CPU with workers (see the module's docstring)."""
     by_value = options.get("num_workers", 0) > 0 and device is not None and device.type == "cpu"
     readable = for_loader(dataset, as_numpy=by_value)
-    if isinstance(readable, Compact) and readable.as_numpy:
-        return {"dataset": readable, "collate_fn": readable.collate, **options}
-    return {"dataset": readable, **options}
+    collate = {"collate_fn": readable.collate} if isinstance(readable, Compact) and by_value else {}
+    return {"dataset": readable, **collate, **options}
 
 
 def expander(loader: Any) -> Callable[[Any, Any], tuple[Any, Any]] | None:
