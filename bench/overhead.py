@@ -145,13 +145,23 @@ def wait_for_quiet(max_wait):
         time.sleep(0.2)
 
 
+def warm_up_steps(n):
+    """Steps left out as warm-up (first-call allocations, lazy init) of a run of `n` steps."""
+    return max(2, n // 10)
+
+
+def step_times(stamps):
+    """The time of each step after the warm-up, from the stamps taken after every step."""
+    warm = warm_up_steps(len(stamps))
+    return [b - a for a, b in zip(stamps[warm:], stamps[warm + 1:])]
+
+
 def summarize_run(data):
     """Per-step and start-up numbers of one run (seconds)."""
     stamps, cpu = data["stamps"], data["cpu_stamps"]
     n = len(stamps)
-    warm = max(2, n // 10)  # steps left out as warm-up (first-call allocations, lazy init)
-    deltas = [b - a for a, b in zip(stamps[warm:], stamps[warm + 1:])]
-    cpu_deltas = [b - a for a, b in zip(cpu[warm:], cpu[warm + 1:])]
+    warm = warm_up_steps(n)
+    deltas, cpu_deltas = step_times(stamps), step_times(cpu)
     m = data["marks"]
     return {
         "median_step": statistics.median(deltas),

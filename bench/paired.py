@@ -31,11 +31,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def median_step(stamps):
-    warm = max(2, len(stamps) // 10)
-    return statistics.median(b - a for a, b in zip(stamps[warm:], stamps[warm + 1:]))
-
-
 def main(argv=None):
     from ddp_throughput import BENCH_ENV
 
@@ -44,6 +39,7 @@ def main(argv=None):
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
     args = parse_args(argv)
     import variants
+    from overhead import step_times  # the same warm-up and step times as bench/overhead.py
     from workloads import WORKLOADS
 
     os.environ[variants.RECORDS_ENV] = "1" if args.records else "0"
@@ -61,7 +57,7 @@ def main(argv=None):
                         stamps, _ = variants.run_hand_written(workload, args.steps, {})
                 finally:
                     sys.stdout = stdout
-                steps[which] = median_step(stamps)
+                steps[which] = statistics.median(step_times(stamps))
             ratios.append(steps["B"] / steps["A"])
             print(f"pair {pair + 1}: A {steps['A'] * 1e3:.3f} ms, B {steps['B'] * 1e3:.3f} ms, B/A {ratios[-1]:.3f}",
                   flush=True)
