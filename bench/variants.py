@@ -18,7 +18,9 @@ now = time.monotonic
 cpu_now = time.process_time
 
 
-def run_hand_written(workload, steps, marks):
+def run_hand_written(workload, steps, marks, between_steps=None):
+    """`between_steps(n)`, if given, is called before the first step (n = 0) and after every step's stamps (n =
+    steps done), as B's callback does (bench/interleaved.py hands the turn to the other loop there)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -41,6 +43,8 @@ def run_hand_written(workload, steps, marks):
 
     model.train()
     step = 0
+    if between_steps is not None:
+        between_steps(0)
     while step < steps:
         for inputs, targets in loader:
             loss = loss_fn(model(inputs), targets)
@@ -52,6 +56,8 @@ def run_hand_written(workload, steps, marks):
             stamps[step] = now()
             cpu_stamps[step] = cpu_now()
             step += 1
+            if between_steps is not None:
+                between_steps(step)
             if step == steps:
                 break
     marks["final_loss"] = float(loss.detach())
@@ -77,7 +83,7 @@ def add_records(raw, workdir):
         raw["dashboard"] = {"enabled": True, "url": "http://127.0.0.1:9"}
 
 
-def run_cr_accel(workload, steps, marks, workdir):
+def run_cr_accel(workload, steps, marks, workdir, between_steps=None):
     import torch
 
     from cr_accel.callbacks import Callback
@@ -106,11 +112,15 @@ def run_cr_accel(workload, steps, marks, workdir):
 
         def on_train_start(self, trainer):
             marks["train_start"] = now()
+            if between_steps is not None:
+                between_steps(0)
 
         def on_step_end(self, trainer, state):
             step = state.step
             stamps[step - 1] = now()
             cpu_stamps[step - 1] = cpu_now()
+            if between_steps is not None:
+                between_steps(step)
 
     raw = {
         "model": {"name": workload.model, **workload.model_kwargs},
