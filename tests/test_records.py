@@ -157,6 +157,39 @@ def test_tensorboard_reads_step_and_epoch_scalars_images_and_histograms(straight
     assert histogram.sum == pytest.approx(float(weight.double().sum()), rel=1e-6)
 
 
+class GradientsBeforeStep(Callback):
+    """The clipped gradients every optimizer step is about to apply, by the step's number (from 1)."""
+
+    def __init__(self):
+        self.gradients = {}
+
+    def on_before_optimizer_step(self, trainer, state):
+        self.gradients[state.step + 1] = trainer.model.head.weight.grad.detach().clone()
+
+
+def test_gradient_histograms_show_a_histogram_epochs_first_step_and_cost_no_hook_in_other_steps(tmp_path):
+    from cr_accel.callbacks import Event
+    from cr_accel.callbacks.histograms import Histograms
+
+    out = tmp_path / "run"
+    cfg = config(out, training={"epochs": 2}, output={"samples_every": 0})
+    plain = Trainer(cfg)
+    assert any(isinstance(cb, Histograms) for cb in plain.callbacks.callbacks)
+    assert not plain.callbacks.has(Event.ON_BEFORE_OPTIMIZER_STEP)  # nothing runs before every step for them
+    seen = GradientsBeforeStep()
+    assert Trainer(cfg, callbacks=[seen]).train() == "finished"
+    first_of_epoch_2 = seen.gradients[STEPS_PER_EPOCH + 1]
+    [logged] = tensorboard(out).Histograms("gradients/head.weight")
+    assert logged.step == 2 * STEPS_PER_EPOCH
+    histogram = logged.histogram_value
+    assert histogram.num == first_of_epoch_2.numel()
+    assert (histogram.min, histogram.max) == pytest.approx((float(first_of_epoch_2.min()),
+                                                            float(first_of_epoch_2.max())))
+    assert histogram.sum == pytest.approx(float(first_of_epoch_2.double().sum()), rel=1e-6)
+    later = seen.gradients[STEPS_PER_EPOCH + 2]
+    assert histogram.sum != pytest.approx(float(later.double().sum()), rel=1e-6)
+
+
 def test_a_crash_and_a_resume_continue_every_record_without_a_step_twice(straight, tmp_path):
     """The run crashes after step 11: its newest checkpoint is step 9's (save_every_steps 3), mid-epoch and in
     the middle of a step record's interval (log_every 2), and step 10's record was logged after it. The resumed

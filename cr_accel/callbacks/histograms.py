@@ -2,7 +2,9 @@
 
 The gradients are copied at the first optimizer step of such an epoch (after clipping, before the update: the
 next step's zero_grad would discard them), the weights at its end; both are logged at the epoch's last step as
-`weights/<name>` and `gradients/<name>`. Nothing is read from the device in the other steps or epochs. Under
+`weights/<name>` and `gradients/<name>`. Nothing is read from the device in the other steps or epochs, and
+nothing runs in them either: the copy is a one-shot pre-hook on the optimizer's step, put in place only for a
+histogram epoch (an `on_before_optimizer_step` would be a call and a TrainingState every step of the run). Under
 FSDP a parameter is gathered from its shards first (every process takes part; the main one logs).
 """
 
@@ -24,22 +26,41 @@ class Histograms(Callback):
     def __init__(self, every: int) -> None:
         self.every = every
         self._gradients: dict[str, torch.Tensor] | None = None
+        self._hook: Any = None
 
-    def on_before_optimizer_step(self, trainer: Trainer, state: TrainingState) -> None:
-        if state.epoch % self.every or self._gradients is not None:
-            return
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        self._gradients = {name: _host(p.grad) for name, p in model.named_parameters() if p.grad is not None}
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._arm_if_due(trainer, trainer.epoch + 1)  # also a resumed run's unfinished epoch
 
     def on_epoch_end(self, trainer: Trainer, state: TrainingState) -> None:
-        if state.epoch % self.every:
+        if state.epoch % self.every == 0:
+            self._disarm()  # an epoch whose every step was skipped (non-finite) has no gradients to show
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            tensors = {f"weights/{name}": _host(p) for name, p in model.named_parameters()}
+            tensors.update({f"gradients/{name}": g for name, g in (self._gradients or {}).items()})
+            self._gradients = None
+            if trainer.accelerator.is_main_process:
+                trainer.sinks.log_histograms(tensors, step=state.step)
+        self._arm_if_due(trainer, state.epoch + 1)
+
+    def on_train_end(self, trainer: Trainer, status: str) -> None:
+        self._disarm()
+
+    def _arm_if_due(self, trainer: Trainer, epoch_number: int) -> None:
+        if epoch_number % self.every or self._hook is not None:
             return
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        tensors = {f"weights/{name}": _host(p) for name, p in model.named_parameters()}
-        tensors.update({f"gradients/{name}": g for name, g in (self._gradients or {}).items()})
-        self._gradients = None
-        if trainer.accelerator.is_main_process:
-            trainer.sinks.log_histograms(tensors, step=state.step)
+        optimizer = getattr(trainer.step_optimizer, "optimizer", trainer.step_optimizer)  # accelerate's wrapper
+
+        def copy_gradients(*_: Any) -> None:
+            self._disarm()
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            self._gradients = {name: _host(p.grad) for name, p in model.named_parameters() if p.grad is not None}
+
+        self._hook = optimizer.register_step_pre_hook(copy_gradients)
+
+    def _disarm(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
 
 def _host(tensor: Any) -> torch.Tensor:
