@@ -20,7 +20,9 @@ LOSSES = Registry("loss")
 
 def loss_and_terms(value):
     """(total, {name: term} or None) of what a loss returned: a tensor, or a mapping holding `loss`."""
-    if isinstance(value, torch.Tensor) or not isinstance(value, Mapping):  # the tensor first: every step asks
+    if isinstance(value, torch.Tensor):  # the cheap checks first: every step asks
+        return value, None
+    if type(value) is not dict and not isinstance(value, Mapping):
         return value, None
     if "loss" not in value:
         raise TypeError(f"a loss that returns a mapping must hold its total under `loss`; it returned "
@@ -55,12 +57,17 @@ class Weighted(nn.Module):
         super().__init__()
         self.weights = {name: float(weight) for name, weight in terms.items()}
         self.terms = nn.ModuleDict({name: _term(name, data_range) for name in terms})
+        # (name, module, weight) in order: one tuple to unpack per term each step
+        self._plan = [(name, self.terms[name], self.weights[name]) for name in terms]
 
     def forward(self, outputs, targets):
-        values = {name: loss_and_terms(term(outputs, targets))[0] for name, term in self.terms.items()}
+        values = {}
         total = None
-        for name, value in values.items():  # no multiply for a weight of 1, no `0 +` to start: each op costs
-            weight = self.weights[name]
+        for name, term, weight in self._plan:  # no multiply for a weight of 1, no `0 +` to start: each op costs
+            value = term(outputs, targets)
+            if not isinstance(value, torch.Tensor):  # a term that returns its own terms: its total
+                value = loss_and_terms(value)[0]
+            values[name] = value
             weighted = value if weight == 1.0 else weight * value
             total = weighted if total is None else total + weighted
         return {"loss": total, **values}
