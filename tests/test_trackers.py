@@ -181,3 +181,25 @@ def test_histogram_of_counts_like_torch_histogram_and_leaves_out_non_finite_valu
     assert (constant["min"], constant["max"], sum(constant["bucket_counts"])) == (2.0, 2.0, 10)
     assert histogram_of(torch.tensor([float("nan"), float("inf")])) is None
     assert histogram_of(torch.zeros(0)) is None
+
+
+def test_tensorboard_records_are_checksummed_in_c_with_tensorboards_own_values(tmp_path):
+    """The `tensorboard` extra's google-crc32c replaces TensorBoard's pure-Python record checksum: the same values,
+    and the event file a run writes is read back by TensorBoard's reader (which checks every record's checksum)."""
+    import random
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tensorboards
+    from tensorboard.summary.writer import record_writer
+
+    from cr_accel.sinks.trackers import masked_crc32c
+
+    rng = random.Random(0)
+    for data in (b"", b"\x00" * 8, b"cr_accel", bytes(rng.randrange(256) for _ in range(1500))):
+        assert masked_crc32c(data) == tensorboards(data)
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, epochs=1, output={"trackers": ["tensorboard"]})).train()
+    assert record_writer.masked_crc32c is masked_crc32c
+    events = EventAccumulator(str(out / "trackers" / "cr_accel"))
+    events.Reload()
+    assert events.Scalars("epoch/train_loss")

@@ -39,6 +39,8 @@ class TrackersSink(Sink):
         self._flushed = time.monotonic()
 
     def start(self, run: RunStart) -> None:
+        if "tensorboard" in self.names:
+            fast_tensorboard_checksums()
         init_kwargs = {"tensorboard": {"purge_step": run.steps_done + 1}} if run.resumed else {}
         self.accelerator.init_trackers(PROJECT, init_kwargs=init_kwargs)
         flat = _flatten(run.config)  # TensorBoard's hparams take scalars only
@@ -129,6 +131,35 @@ class TrackersSink(Sink):
         if "tensorboard" not in self.names:
             return None
         return self.accelerator.get_tracker("tensorboard", unwrap=True)
+
+
+def fast_tensorboard_checksums() -> bool:
+    """Have TensorBoard's record writer checksum in C where google-crc32c is installed (the `tensorboard` extra
+    brings it); True if it does.
+
+    Without TensorFlow, TensorBoard computes each record's masked CRC32C in pure Python, on its writer's thread:
+    ~140 us for one histogram's 1 KB, 17 us for a 7-value step record, ~3.3 ms of a histogram epoch of the
+    benchmark MLP's 24 tensors -- Python that takes the GIL from the training thread. google-crc32c gives the same
+    values (tests/test_trackers.py compares them) in ~1 us. The writer looks the function up in its module at each
+    record, so replacing it there covers every writer of the process."""
+    try:
+        import google_crc32c
+    except ImportError:
+        return False
+    if google_crc32c.implementation != "c":  # its own pure-Python fallback would gain nothing
+        return False
+    from tensorboard.summary.writer import record_writer
+
+    record_writer.masked_crc32c = masked_crc32c
+    return True
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's checksum: CRC32C rotated right by 15 bits plus a constant, modulo 2**32."""
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _tagged(prefix: str, record: dict[str, Any]) -> dict[str, Any]:
