@@ -44,13 +44,17 @@ def parse_args(argv=None):
                    help="the CPU both loops run on, with their threads (default the last; -1: any)")
     p.add_argument("--control", action="store_true",
                    help="B is a second hand-written loop: what the harness alone puts between two equal loops")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.turn < 2 or 50 % args.turn:
+        p.error(f"--turn must divide 50 (B's log steps), so turns change half a turn after them; got {args.turn}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------- a child: one loop
 
 CONTROL_ENV = "CR_ACCEL_BENCH_CONTROL"  # B runs the hand-written loop too (--control)
 CPU_ENV = "CR_ACCEL_BENCH_CPU"  # the CPU the children run on (--cpu)
+
 
 class Baton:
     """The child's side of the turns: says "ready" before its first step and "yield" every `turn` steps (at
@@ -134,6 +138,7 @@ def one_run(args, workdir, env):
     finally:
         for c in children.values():
             os.close(c["go"])
+            os.close(c["said"])
             code = c["proc"].wait()
             if code != 0:
                 raise SystemExit(f"a benchmark child failed (exit {code})")
