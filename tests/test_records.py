@@ -4,6 +4,7 @@ validation, and TensorBoard read back with its own reader -- also across a crash
 
 import csv
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,10 @@ def test_a_crash_and_a_resume_continue_every_record_without_a_step_twice(straigh
     with pytest.raises(Crash):
         Trainer(config(out), callbacks=[Logs(), CrashAfter(11)]).train()
     assert int(rows(out / "steps.csv")[-1]["step"]) == 10  # logged before the crash
+    # TensorBoard reads a folder's event files in the order of their names: the time in whole seconds, the host,
+    # the process, then a counter of the process's writers as text ("10" < "9"). Runs of two processes (as after a
+    # real crash) are ordered by time; these two share a process, so they must not share a second.
+    time.sleep(1.0)
     assert Trainer(config(out), callbacks=[Logs()]).train(resume_from_checkpoint="latest") == "finished"
     assert f"resumed from {out / 'checkpoints/step_00000009'}: epoch 2, batch 3, step 9" in (out / "train.log").read_text()
     assert rows(out / "steps.csv") == rows(straight_out / "steps.csv")

@@ -203,3 +203,42 @@ def test_tensorboard_records_are_checksummed_in_c_with_tensorboards_own_values(t
     events = EventAccumulator(str(out / "trackers" / "cr_accel"))
     events.Reload()
     assert events.Scalars("epoch/train_loss")
+
+
+def test_the_event_file_taken_over_from_tensorboards_writer_holds_the_same_events_and_its_thread_is_gone(tmp_path):
+    """sinks/event_file.take_over: a SummaryWriter's events go to the same file, written without TensorBoard's
+    writing thread, and read back (checksums checked) equal to what TensorBoard's own writer writes -- a resumed
+    run's purge marker included."""
+    import threading
+
+    import torch
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from torch.utils.tensorboard import SummaryWriter
+
+    from cr_accel.sinks.event_file import take_over
+    from cr_accel.sinks.trackers import histogram_of, masked_crc32c
+
+    def write(writer):
+        for step in (5, 6, 7):
+            writer.add_scalar("train/loss", 1.0 / step, global_step=step, walltime=100.0 + step)
+        histogram = histogram_of(torch.arange(100.0))
+        writer.add_histogram_raw("weights/w", **histogram, global_step=7, walltime=200.0)
+        writer.close()
+
+    def tensorboard_threads():
+        return sum(type(t).__name__ == "_AsyncWriterThread" for t in threading.enumerate())
+
+    theirs = SummaryWriter(str(tmp_path / "theirs"), purge_step=5)
+    write(theirs)
+    ours = SummaryWriter(str(tmp_path / "ours"), purge_step=5)
+    threads = tensorboard_threads()
+    event_file = take_over(ours, masked_crc32c)
+    assert event_file is not None and tensorboard_threads() == threads - 1
+    write(ours)
+    files = {name: list((tmp_path / name).glob("events.out.tfevents.*")) for name in ("theirs", "ours")}
+    assert len(files["theirs"]) == len(files["ours"]) == 1 and files["ours"][0] == event_file.path
+    events = {name: list(EventFileLoader(str(paths[0])).Load()) for name, paths in files.items()}
+    for event in events["theirs"][:3] + events["ours"][:3]:  # the file's version, the purge marker: stamped
+        event.wall_time = 0.0  # with the time they were written
+    assert len(events["ours"]) == 3 + 3 + 1 and events["ours"] == events["theirs"]
+    assert events["ours"][2].session_log.status == events["ours"][2].session_log.START  # the purge marker
