@@ -29,15 +29,34 @@ def config_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight(config_file, tmp_path_factory):
-    """The uninterrupted run, saving synchronously."""
+    """The uninterrupted run, saving synchronously; weight and gradient histograms to TensorBoard every epoch."""
     out = tmp_path_factory.mktemp("straight")
     result = launch_fsdp2_on_cpu("SHARDED_STATE_DICT", PROBE, "--config", config_file, "--probe", out / "p.json",
-                                 f"output.dir={out / 'run'}", "checkpoint.async_save=false")
+                                 f"output.dir={out / 'run'}", "checkpoint.async_save=false",
+                                 "output.trackers=[tensorboard]", "output.histograms_every=1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (out / "run/train.log").read_text()
     assert "DistributedType.FSDP" in (out / "run/environment.json").read_text()
     assert "started in the background" not in log
+    STRAIGHT_RUN[0] = out / "run"
     return load_file(out / "p.safetensors")
+
+
+STRAIGHT_RUN = [None]
+
+
+def test_histograms_show_whole_parameters_gathered_from_their_shards(straight):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(STRAIGHT_RUN[0] / "trackers" / "cr_accel"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert straight  # the final weights, gathered: every one a parameter of the small model
+    for name, weight in straight.items():
+        weights = events.Histograms(f"weights/{name}")
+        assert [e.step for e in weights] == [4, 8], name  # every epoch of 4 optimizer steps
+        assert weights[-1].histogram_value.num == weight.numel(), name  # every process's shard
+        assert weights[-1].histogram_value.sum == pytest.approx(float(weight.double().sum()), rel=1e-5, abs=1e-6)
+        assert [e.histogram_value.num for e in events.Histograms(f"gradients/{name}")] == [weight.numel()] * 2
 
 
 @pytest.mark.parametrize("state_dict_type, layout", [("SHARDED_STATE_DICT", FSDP_SHARDED),

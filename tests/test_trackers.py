@@ -163,7 +163,7 @@ def test_unknown_or_missing_tracker_is_a_config_error(tmp_path):
 def test_histogram_of_counts_like_torch_histogram_and_leaves_out_non_finite_values():
     import torch
 
-    from cr_accel.sinks.trackers import histogram_of
+    from cr_accel.histogram import histogram_of
 
     torch.manual_seed(0)
     values = torch.randn(5000) * 3
@@ -216,7 +216,8 @@ def test_the_event_file_taken_over_from_tensorboards_writer_holds_the_same_event
     from torch.utils.tensorboard import SummaryWriter
 
     from cr_accel.sinks.event_file import take_over
-    from cr_accel.sinks.trackers import histogram_of, masked_crc32c
+    from cr_accel.histogram import histogram_of
+    from cr_accel.sinks.trackers import masked_crc32c
 
     def write(writer):
         for step in (5, 6, 7):

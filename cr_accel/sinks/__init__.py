@@ -5,7 +5,7 @@
     sinks.log_step({"step": 40, "epoch": 2, "loss": 0.1, "lr": 1e-3, "grad_norm": 0.5, "loss/l1": 0.02})
     sinks.log_epoch({"epoch": 2, "step": 40, "train_loss": 0.1, "val_loss": 0.2, "val_psnr": 31.0, ...})
     sinks.log_image("samples", png_bytes, step=40, epoch=2)
-    sinks.log_histograms({"weights/head.weight": tensor, ...}, step=40)
+    sinks.log_histograms({"weights/head.weight": histogram_of(weight), ...}, step=40)   # cr_accel.histogram
     sinks.finish("finished")
 
 A record is a flat dict of names to numbers (plus `step` and `epoch`), reduced over every process before it
@@ -53,7 +53,7 @@ class Sink:
     def log_image(self, name: str, png: bytes, step: int, epoch: int) -> None:
         pass
 
-    def log_histograms(self, tensors: dict[str, Any], step: int) -> None:
+    def log_histograms(self, histograms: dict[str, dict[str, Any]], step: int) -> None:
         pass
 
     def finish(self, status: str) -> None:
@@ -61,7 +61,7 @@ class Sink:
 
     @property
     def wants_histograms(self) -> bool:
-        """Histograms cost a copy of every weight and gradient: they are made only for a sink that keeps them."""
+        """Histograms cost a pass over every weight and gradient: they are made only for a sink that keeps them."""
         return False
 
 
@@ -87,10 +87,10 @@ class Sinks(Sink):
         for sink in self.sinks:
             sink.log_image(name, png, step, epoch)
 
-    def log_histograms(self, tensors: dict[str, Any], step: int) -> None:
+    def log_histograms(self, histograms: dict[str, dict[str, Any]], step: int) -> None:
         for sink in self.sinks:
             if sink.wants_histograms:
-                sink.log_histograms(tensors, step)
+                sink.log_histograms(histograms, step)
 
     def finish(self, status: str) -> None:
         for sink in self.sinks:

@@ -8,8 +8,8 @@ TensorBoard then hides what the interrupted run logged after it, so no step appe
 
 The trackers are accelerate's (`Accelerator(log_with=...)`), created on the main process only. What they are
 handed is written by one thread of this sink's own, in order, so the training thread does not build
-TensorBoard's protobufs or histograms: in one process on the benchmark MLP (a 1.6 ms step), the scalars of the
-step and epoch records cost ~45 us a step averaged and a histogram epoch ~16 ms when written inline. That thread
+TensorBoard's protobufs: in one process on the benchmark MLP (a 1.6 ms step), the scalars of the
+step and epoch records cost ~45 us a step averaged when written inline. That thread
 also writes TensorBoard's event file itself, kept open (sinks/event_file.py), in place of TensorBoard's own
 writing thread. `finish`
 waits for everything queued; an error of a tracker is raised in the training thread at the next record.
@@ -18,7 +18,6 @@ waits for everything queued; an error of a tracker is raised in the training thr
 from __future__ import annotations
 
 import io
-import math
 import queue
 import threading
 import time
@@ -28,7 +27,6 @@ from . import RunStart, Sink
 from .event_file import take_over
 
 PROJECT = "cr_accel"
-HISTOGRAM_BINS = 64
 FLUSH_SECONDS = 5.0  # how stale TensorBoard's view of the scalars may get
 
 
@@ -67,8 +65,8 @@ class TrackersSink(Sink):
         if "tensorboard" in self.names:
             self._submit(self._image, name, png, step)
 
-    def log_histograms(self, tensors: dict[str, Any], step: int) -> None:
-        self._submit(self._histograms, tensors, step)
+    def log_histograms(self, histograms: dict[str, dict[str, Any]], step: int) -> None:
+        self._submit(self._histograms, histograms, step)
 
     @property
     def wants_histograms(self) -> bool:
@@ -126,14 +124,11 @@ class TrackersSink(Sink):
     def _image(self, name: str, png: bytes, step: int) -> None:
         self._tensorboard().add_image(f"images/{name}", _decode(png), global_step=step, dataformats="HWC")
 
-    def _histograms(self, tensors: dict[str, Any], step: int) -> None:
-        """Counted by torch (`histogram_of`) and written raw: TensorBoard's own add_histogram bins in NumPy, ~10x
-        slower (28 ms for the 12 tensors of the overhead benchmark's MLP)."""
+    def _histograms(self, histograms: dict[str, dict[str, Any]], step: int) -> None:
+        """Written raw (`add_histogram_raw`): the counts are made by the Histograms callback."""
         writer = self._tensorboard()
-        for tag, tensor in tensors.items():
-            histogram = histogram_of(tensor)
-            if histogram is not None:
-                writer.add_histogram_raw(tag, **histogram, global_step=step)
+        for tag, histogram in histograms.items():
+            writer.add_histogram_raw(tag, **histogram, global_step=step)
 
     def _tensorboard(self) -> Any:
         if "tensorboard" not in self.names:
@@ -195,24 +190,3 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
             name = section if key is None else f"{section}.{key}"
             flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
-
-
-def histogram_of(tensor: Any, bins: int = HISTOGRAM_BINS) -> dict[str, Any] | None:
-    """`add_histogram_raw`'s fields for the finite values of `tensor`: `bins` equal bins between their extremes;
-    None when it has none. Few, whole-tensor ops: this runs on the trackers' thread, and every op is a hand-over
-    of the GIL with the training thread (a histogram epoch's work stalls the steps that overlap it)."""
-    import torch
-
-    values = tensor.detach().flatten().double()
-    low, high = (float(v) for v in torch.aminmax(values)) if values.numel() else (math.nan, math.nan)
-    if not (math.isfinite(low) and math.isfinite(high)):  # a NaN or an inf among them (or no values)
-        values = values[torch.isfinite(values)]
-        if values.numel() == 0:
-            return None
-        low, high = (float(v) for v in torch.aminmax(values))
-    top = high if high > low else low + 1
-    counts = torch.histc(values, bins=bins, min=low, max=top)
-    limits = torch.linspace(low, top, bins + 1, dtype=torch.float64)[1:]
-    return {"min": low, "max": high, "num": values.numel(), "sum": float(values.sum()),
-            "sum_squares": float(torch.dot(values, values)), "bucket_limits": limits.tolist(),
-            "bucket_counts": counts.tolist()}
