@@ -38,7 +38,8 @@ class Preemption:
         self._flag = None
         self._pending = None
         self._calls = 0  # calls to `agreed`: the same count on every process
-        if accelerator.num_processes > 1:
+        self._alone = accelerator.num_processes == 1  # read once: `agreed` runs every optimizer step
+        if not self._alone:
             # Always a group of its own (every process creates it here, in the same order): NCCL all-reduces
             # need the GPU, and on DDP's gloo group the flag would share the gradients' worker threads.
             self._group = dist.new_group(backend="gloo")
@@ -74,8 +75,8 @@ class Preemption:
     def agreed(self):
         """Call once per optimizer step on every process; True on all of them, at the same step, once any was
         signalled (at most VOTE_EVERY steps after the signal)."""
-        if self.accelerator.num_processes == 1:
-            return self.requested
+        if self._alone:
+            return self.signal_name is not None
         self._calls += 1
         decided = False
         if self._calls % VOTE_EVERY == 0 and self._pending is not None:  # a decision step

@@ -443,6 +443,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         eval_every_steps = t.eval_every_steps
         self.preemption_agreed = False
         expand = handover.expander(loader)  # 8-bit images arrive as uint8
+        state = self.state  # the counters read directly (each `self.global_step` is a descriptor call)
         for inputs, targets in loader:
             if expand is not None:
                 inputs, targets = expand(inputs, targets)
@@ -453,21 +454,21 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
             else:
                 loss, terms = self._forward_backward(inputs, targets)
                 synced = True
-            self.batch_in_epoch += 1
+            state.batch_in_epoch += 1
             self.stats.samples += len(inputs)
             if bar is not None:
                 bar.update()
             if not synced:
                 continue
             norm = self._optimizer_step(loss, terms)
-            if self.stages and self.stages.after_step(self.global_step):
+            if self.stages and self.stages.after_step(state.global_step):
                 self._enter_stage()
             if step_listeners:
                 self.callbacks.fire(Event.ON_STEP_END, self, self._step_state(loss, terms, norm,
                                                                               self.schedule.last_step_lr))
             validation = (self._validate_at_step(epoch)
-                          if eval_every_steps and self.global_step % eval_every_steps == 0 else None)
-            if self.global_step % t.log_every == 0 or validation is not None:
+                          if eval_every_steps and state.global_step % eval_every_steps == 0 else None)
+            if state.global_step % t.log_every == 0 or validation is not None:
                 self._log_step(epoch, validation)
             targets = [target for policy in policies for target in policy.targets_after_step(self)]
             if targets:
@@ -475,7 +476,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
             if self.preemption.agreed():
                 self.preemption_agreed = True
                 break
-            if self.global_step >= self.total_steps or self.should_stop:
+            if state.global_step >= self.total_steps or self.should_stop:
                 break
         self.progress.close()
         if self.preemption_agreed:
@@ -485,7 +486,7 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
     def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         loss, terms = loss_and_terms(self.loss_fn(self.normalization.run(self.model, inputs), targets))
-        self.stats.add_loss(loss, self.global_step, terms)
+        self.stats.add_loss(loss, self.state.global_step, terms)
         if self.plain_step:
             # What accelerator.backward does without a GradScaler, minus its per-call overhead.
             accum = self.accumulation
@@ -515,13 +516,14 @@ class Trainer(SavingMixin, ResumeMixin, ValidationMixin):
         self.step_optimizer.step()
         if self.plain_step or not acc.optimizer_step_was_skipped:  # fp16 overflow steps do not count
             self.schedule.step()
-            self.global_step += 1
+            self.state.global_step += 1
         self.step_optimizer.zero_grad(set_to_none=True)
         return norm
 
     def _step_state(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None, norm: Any,
                     lr: float) -> TrainingState:
-        return TrainingState(step=self.global_step, epoch=self.epoch + 1, batch_in_epoch=self.batch_in_epoch,
+        state = self.state
+        return TrainingState(step=state.global_step, epoch=state.epoch + 1, batch_in_epoch=state.batch_in_epoch,
                              loss=loss, lr=lr, grad_norm=norm, loss_terms=terms or {})
 
     def _epoch_state(self, metrics: dict[str, Any]) -> TrainingState:
