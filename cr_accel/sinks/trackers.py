@@ -8,11 +8,10 @@ TensorBoard then hides what the interrupted run logged after it, so no step appe
 
 The trackers are accelerate's (`Accelerator(log_with=...)`), created on the main process only. What they are
 handed is written by one thread of this sink's own, in order, so the training thread does not build
-TensorBoard's protobufs: in one process on the benchmark MLP (a 1.6 ms step), the scalars of the
-step and epoch records cost ~45 us a step averaged when written inline. That thread
-also writes TensorBoard's event file itself, kept open (sinks/event_file.py), in place of TensorBoard's own
-writing thread. `finish`
-waits for everything queued; an error of a tracker is raised in the training thread at the next record.
+TensorBoard's protobufs: in one process on the benchmark MLP (a 1.6 ms step), the scalars of the step and epoch
+records cost ~45 us a step averaged when written inline. That thread also writes TensorBoard's event file
+itself, kept open (sinks/event_file.py), in place of TensorBoard's own writing thread. `finish` waits for
+everything queued; an error of a tracker is raised in the training thread at the next record.
 """
 
 from __future__ import annotations
