@@ -28,9 +28,14 @@ def config_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def straight(config_file, tmp_path_factory):
+def straight_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("straight")
+
+
+@pytest.fixture(scope="module")
+def straight(config_file, straight_dir):
     """The uninterrupted run, saving synchronously; weight and gradient histograms to TensorBoard every epoch."""
-    out = tmp_path_factory.mktemp("straight")
+    out = straight_dir
     result = launch_fsdp2_on_cpu("SHARDED_STATE_DICT", PROBE, "--config", config_file, "--probe", out / "p.json",
                                  f"output.dir={out / 'run'}", "checkpoint.async_save=false",
                                  "output.trackers=[tensorboard]", "output.histograms_every=1")
@@ -38,17 +43,13 @@ def straight(config_file, tmp_path_factory):
     log = (out / "run/train.log").read_text()
     assert "DistributedType.FSDP" in (out / "run/environment.json").read_text()
     assert "started in the background" not in log
-    STRAIGHT_RUN[0] = out / "run"
     return load_file(out / "p.safetensors")
 
 
-STRAIGHT_RUN = [None]
-
-
-def test_histograms_show_whole_parameters_gathered_from_their_shards(straight):
+def test_histograms_show_whole_parameters_gathered_from_their_shards(straight, straight_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(STRAIGHT_RUN[0] / "trackers" / "cr_accel"), size_guidance={"histograms": 0})
+    events = EventAccumulator(str(straight_dir / "run" / "trackers" / "cr_accel"), size_guidance={"histograms": 0})
     events.Reload()
     assert straight  # the final weights, gathered: every one a parameter of the small model
     for name, weight in straight.items():
