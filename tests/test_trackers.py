@@ -215,8 +215,8 @@ def test_the_event_file_taken_over_from_tensorboards_writer_holds_the_same_event
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from torch.utils.tensorboard import SummaryWriter
 
-    from cr_accel.sinks.event_file import take_over
     from cr_accel.histogram import histogram_of
+    from cr_accel.sinks.event_file import take_over
     from cr_accel.sinks.trackers import masked_crc32c
 
     def write(writer):
